@@ -1,0 +1,61 @@
+//! The narrow interface between the engine and the proxy that runs it.
+//!
+//! Each adapter (Envoy dynamic module, proxy-wasm) implements [`Host`] for one HTTP stream; the
+//! engine and every plugin only ever see this trait, so they are unit-tested against
+//! [`crate::testing::FakeHost`] and run unchanged in both forms.
+
+/// Which direction of the HTTP exchange an operation applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Client to upstream.
+    Request,
+    /// Upstream to client.
+    Response,
+}
+
+impl Direction {
+    /// Lower-case name used in logs and error messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Request => "request",
+            Direction::Response => "response",
+        }
+    }
+}
+
+/// Index of a metric declared by [`crate::Chain::metrics`]; adapters map it to the host's own id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MetricId(pub usize);
+
+/// Per-stream operations the engine needs from the proxy.
+///
+/// Header names are case-insensitive; `set_header` replaces every existing value, so a value
+/// the gateway sets always overwrites what a client sent.
+pub trait Host {
+    /// First value of a header in the headers of `dir`, if present.
+    fn header(&self, dir: Direction, name: &str) -> Option<String>;
+    /// Replaces all values of a header.
+    fn set_header(&mut self, dir: Direction, name: &str, value: &str);
+    /// Removes a header.
+    fn remove_header(&mut self, dir: Direction, name: &str);
+    /// Bytes of body received so far in `dir` (buffered plus the current chunk).
+    fn body_len(&self, dir: Direction) -> u64;
+    /// The whole body received so far in `dir`, copied out of the proxy's buffers.
+    fn read_body(&mut self, dir: Direction) -> Vec<u8>;
+    /// Replaces the whole body of `dir`.
+    fn replace_body(&mut self, dir: Direction, body: &[u8]);
+    /// Makes the proxy select the route again (after request headers that routes match changed).
+    fn clear_route_cache(&mut self);
+    /// Raises the per-stream buffer limit to at least `bytes`; never lowers it.
+    fn raise_buffer_limit(&mut self, bytes: u64);
+    /// Writes a string into the stream's dynamic metadata.
+    fn set_metadata(&mut self, namespace: &str, key: &str, value: &str);
+    /// Sends a local reply instead of the upstream's response.
+    fn send_local_reply(&mut self, status: u16, headers: &[(String, String)], body: &[u8], details: &str);
+    /// Monotonic clock in nanoseconds (wasm hosts may only offer wall time).
+    fn now_nanos(&self) -> u64;
+    /// Adds to a counter declared by the chain.
+    fn increment_counter(&mut self, id: MetricId, by: u64);
+    /// Records a histogram sample for a histogram declared by the chain.
+    fn record_histogram(&mut self, id: MetricId, value: u64);
+}

@@ -1,0 +1,480 @@
+//! The request or response body as plugins see it: raw bytes, read lazily as JSON.
+//!
+//! Reading one field never builds a document tree: [`find_member`] walks the top-level object
+//! with serde_json, skips the values it does not want without allocating, and stops at the
+//! wanted key. A document is only parsed into a `serde_json::Value` when a plugin changes it
+//! (or asks a JSONPath query that needs one), and bytes are only re-serialized when it changed.
+//!
+//! Duplicate keys are a parser-differential hazard (the gateway might route on the first
+//! `model` while the model server reads the last), so a field that occurs twice is an error.
+
+use jsonpath_rust::parser::model::{JpQuery, Segment, Selector};
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
+use serde_json::Value;
+use std::fmt;
+
+/// Why a body could not be read as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JsonError {
+    /// Not well-formed JSON.
+    #[error("body is not valid JSON: {0}")]
+    Syntax(String),
+    /// Well-formed, but the top level (or an intermediate value on a path) is not an object.
+    #[error("body is not a JSON object at {0}")]
+    NotAnObject(String),
+    /// The same key appears twice in one object.
+    #[error("body has duplicate key {0:?}")]
+    DuplicateKey(String),
+    /// A JSONPath could not be evaluated or cannot be used for this operation.
+    #[error("JSONPath {0}")]
+    Path(String),
+}
+
+/// Where a field lives: a chain of object member names, or a general JSONPath query.
+#[derive(Debug, Clone)]
+pub enum FieldPath {
+    /// Object members from the root, read lazily (`model`, `$.metadata.tenant`).
+    Members(Vec<String>),
+    /// Any other JSONPath (wildcards, filters, indexes); needs a parsed document.
+    Query {
+        /// The original text, for messages.
+        text: String,
+        /// The compiled query.
+        query: Box<JpQuery>,
+    },
+}
+
+impl FieldPath {
+    /// A plain name is one top-level key (dots included); text starting with `$` is a JSONPath.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.is_empty() {
+            return Err("field name must not be empty".into());
+        }
+        if !text.starts_with('$') {
+            return Ok(FieldPath::Members(vec![text.to_string()]));
+        }
+        let query =
+            jsonpath_rust::parser::parse_json_path(text).map_err(|err| format!("invalid JSONPath {text:?}: {err}"))?;
+        let members: Option<Vec<String>> = query
+            .segments
+            .iter()
+            .map(|segment| match segment {
+                Segment::Selector(Selector::Name(name)) => Some(unquote(name)),
+                _ => None,
+            })
+            .collect();
+        match members {
+            Some(members) if !members.is_empty() => Ok(FieldPath::Members(members)),
+            Some(_) => Err(format!("JSONPath {text:?} selects the whole document; name a field")),
+            None => Ok(FieldPath::Query {
+                text: text.to_string(),
+                query: Box::new(query),
+            }),
+        }
+    }
+
+    /// Human-readable form for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            FieldPath::Members(members) => members.join("."),
+            FieldPath::Query { text, .. } => text.clone(),
+        }
+    }
+}
+
+/// jsonpath-rust keeps the quotes of bracketed names (`['a']`); a member name has none.
+fn unquote(name: &str) -> String {
+    let bytes = name.as_bytes();
+    if bytes.len() >= 2 && (bytes[0] == b'\'' || bytes[0] == b'"') && bytes[bytes.len() - 1] == bytes[0] {
+        name[1..name.len() - 1].to_string()
+    } else {
+        name.to_string()
+    }
+}
+
+/// Finds `key` in the JSON object `json` without building a tree. `Ok(None)` when absent.
+pub fn find_member<'a>(json: &'a [u8], key: &str) -> Result<Option<&'a RawValue>, JsonError> {
+    let mut found = None;
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let scan = de::Deserializer::deserialize_any(&mut de, FirstMember { key, found: &mut found });
+    let Some(raw) = found else {
+        // Not found: the whole object was scanned (and so validated), or it is malformed.
+        scan.map_err(|err| classify(err, "$"))?;
+        de.end().map_err(|err| JsonError::Syntax(err.to_string()))?;
+        return Ok(None);
+    };
+    // Found early: the scan stopped inside the object on purpose, so its error is expected.
+    // Only a second occurrence of the key could change the answer; it must be spelled either
+    // as the same quoted bytes or with an escape, so a memchr search of the rest rules it out
+    // in the common case and a full scan decides otherwise.
+    let end = offset_in(json, raw.get().as_bytes()) + raw.get().len();
+    let rest = &json[end..];
+    let quoted = format!("\"{key}\"");
+    if memchr::memmem::find(rest, quoted.as_bytes()).is_some() || memchr::memmem::find(rest, b"\\u").is_some() {
+        let count = count_members(json, key)?;
+        if count > 1 {
+            return Err(JsonError::DuplicateKey(key.to_string()));
+        }
+    }
+    Ok(Some(raw))
+}
+
+/// Position of `inner` inside `outer` (inner is a sub-slice of outer).
+fn offset_in(outer: &[u8], inner: &[u8]) -> usize {
+    inner.as_ptr() as usize - outer.as_ptr() as usize
+}
+
+fn classify(err: serde_json::Error, at: &str) -> JsonError {
+    if err.is_data() {
+        JsonError::NotAnObject(at.to_string())
+    } else {
+        JsonError::Syntax(err.to_string())
+    }
+}
+
+/// Counts the members named `key` in the object, scanning all of it.
+fn count_members(json: &[u8], key: &str) -> Result<usize, JsonError> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let count = de::Deserializer::deserialize_any(&mut de, CountMembers { key }).map_err(|err| classify(err, "$"))?;
+    de.end().map_err(|err| JsonError::Syntax(err.to_string()))?;
+    Ok(count)
+}
+
+/// Deserializes an object key and tells whether it equals the wanted one, borrowing when it can.
+struct KeyEquals<'k>(&'k str);
+
+impl<'de> DeserializeSeed<'de> for KeyEquals<'_> {
+    type Value = bool;
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<bool, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyEquals<'_> {
+    type Value = bool;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<bool, E> {
+        Ok(v == self.0)
+    }
+}
+
+struct FirstMember<'k, 'a> {
+    key: &'k str,
+    found: &'k mut Option<&'a RawValue>,
+}
+
+impl<'a> Visitor<'a> for FirstMember<'_, 'a> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<M: MapAccess<'a>>(self, mut map: M) -> Result<(), M::Error> {
+        while let Some(matches) = map.next_key_seed(KeyEquals(self.key))? {
+            if matches {
+                *self.found = Some(map.next_value::<&'a RawValue>()?);
+                return Ok(());
+            }
+            map.next_value::<IgnoredAny>()?;
+        }
+        Ok(())
+    }
+}
+
+struct CountMembers<'k> {
+    key: &'k str,
+}
+
+impl<'de> Visitor<'de> for CountMembers<'_> {
+    type Value = usize;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<usize, M::Error> {
+        let mut count = 0;
+        while let Some(matches) = map.next_key_seed(KeyEquals(self.key))? {
+            count += usize::from(matches);
+            map.next_value::<IgnoredAny>()?;
+        }
+        Ok(count)
+    }
+}
+
+/// Follows `members` from the root object lazily; `Ok(None)` when any member is absent.
+pub fn find_path<'a>(json: &'a [u8], members: &[String]) -> Result<Option<&'a RawValue>, JsonError> {
+    let mut current: &'a [u8] = json;
+    let mut found = None;
+    for (depth, member) in members.iter().enumerate() {
+        if depth > 0 && !current.trim_ascii_start().starts_with(b"{") {
+            return Ok(None);
+        }
+        match find_member(current, member)? {
+            Some(raw) => {
+                current = raw.get().as_bytes();
+                found = Some(raw);
+            }
+            None => return Ok(None),
+        }
+    }
+    Ok(found)
+}
+
+/// A body: the original bytes, plus a parsed document once a plugin needed one.
+#[derive(Debug, Default)]
+pub struct Body {
+    raw: Vec<u8>,
+    doc: Option<Value>,
+    doc_changed: bool,
+    bytes_replaced: bool,
+}
+
+impl Body {
+    /// Wraps the bytes as received.
+    pub fn new(raw: Vec<u8>) -> Self {
+        Self { raw, ..Self::default() }
+    }
+
+    /// The bytes as received (or as last replaced); a parsed document's edits are not reflected.
+    pub fn raw(&self) -> &[u8] {
+        &self.raw
+    }
+
+    /// True when there is no body or only whitespace.
+    pub fn is_blank(&self) -> bool {
+        self.raw.iter().all(|b| b.is_ascii_whitespace())
+    }
+
+    /// True when the body was changed by a plugin.
+    pub fn is_changed(&self) -> bool {
+        self.doc_changed || self.bytes_replaced
+    }
+
+    /// Reads one field. A blank body has no fields.
+    pub fn get(&mut self, path: &FieldPath) -> Result<Option<Value>, JsonError> {
+        if self.doc.is_none() {
+            if self.is_blank() {
+                return Ok(None);
+            }
+            if let FieldPath::Members(members) = path {
+                let raw = find_path(&self.raw, members)?;
+                return raw
+                    .map(|raw| serde_json::from_str(raw.get()).map_err(|err| JsonError::Syntax(err.to_string())))
+                    .transpose();
+            }
+        }
+        let doc = self.doc()?;
+        Ok(match path {
+            FieldPath::Members(members) => walk(doc, members).cloned(),
+            FieldPath::Query { query, .. } => jsonpath_rust::query::js_path_process(query, doc)
+                .map_err(|err| JsonError::Path(err.to_string()))?
+                .first()
+                .map(|found| found.clone().val().clone()),
+        })
+    }
+
+    /// The parsed document (parsed on first use).
+    pub fn doc(&mut self) -> Result<&Value, JsonError> {
+        self.doc_mut_unchanged().map(|doc| &*doc)
+    }
+
+    /// The parsed document for editing; marks the body changed.
+    pub fn doc_mut(&mut self) -> Result<&mut Value, JsonError> {
+        self.doc_mut_unchanged()?;
+        self.doc_changed = true;
+        Ok(self.doc.as_mut().expect("parsed above"))
+    }
+
+    fn doc_mut_unchanged(&mut self) -> Result<&mut Value, JsonError> {
+        if self.doc.is_none() {
+            let doc: Value = if self.is_blank() {
+                Value::Object(Default::default())
+            } else {
+                serde_json::from_slice(&self.raw).map_err(|err| classify(err, "$"))?
+            };
+            self.doc = Some(doc);
+        }
+        Ok(self.doc.as_mut().expect("set above"))
+    }
+
+    /// Sets a field, creating intermediate objects. Only member paths can be set.
+    pub fn set(&mut self, path: &FieldPath, value: Value) -> Result<(), JsonError> {
+        let FieldPath::Members(members) = path else {
+            return Err(JsonError::Path(format!(
+                "{} cannot be written; use a path of member names",
+                path.describe()
+            )));
+        };
+        let (last, parents) = members.split_last().expect("member paths are never empty");
+        let mut node = self.doc_mut()?;
+        for (depth, member) in parents.iter().enumerate() {
+            let object = node
+                .as_object_mut()
+                .ok_or_else(|| JsonError::NotAnObject(members[..depth].join(".")))?;
+            node = object
+                .entry(member.clone())
+                .or_insert_with(|| Value::Object(Default::default()));
+        }
+        let object = node
+            .as_object_mut()
+            .ok_or_else(|| JsonError::NotAnObject(parents.join(".")))?;
+        object.insert(last.clone(), value);
+        Ok(())
+    }
+
+    /// Removes a field; returns the old value.
+    pub fn remove(&mut self, path: &FieldPath) -> Result<Option<Value>, JsonError> {
+        let FieldPath::Members(members) = path else {
+            return Err(JsonError::Path(format!(
+                "{} cannot be removed; use a path of member names",
+                path.describe()
+            )));
+        };
+        if self.get(path)?.is_none() {
+            return Ok(None);
+        }
+        let (last, parents) = members.split_last().expect("member paths are never empty");
+        let doc = self.doc_mut()?;
+        let parent = if parents.is_empty() {
+            Some(doc)
+        } else {
+            walk_mut(doc, parents)
+        };
+        Ok(parent
+            .and_then(Value::as_object_mut)
+            .and_then(|object| object.shift_remove(last)))
+    }
+
+    /// Replaces the whole body.
+    pub fn replace(&mut self, bytes: Vec<u8>) {
+        self.raw = bytes;
+        self.doc = None;
+        self.doc_changed = false;
+        self.bytes_replaced = true;
+    }
+
+    /// The bytes to send on, when the body changed.
+    pub fn take_changes(&mut self) -> Option<Vec<u8>> {
+        if self.doc_changed {
+            let doc = self.doc.as_ref().expect("a changed document exists");
+            return Some(serde_json::to_vec(doc).expect("a Value always serializes"));
+        }
+        self.bytes_replaced.then(|| std::mem::take(&mut self.raw))
+    }
+}
+
+fn walk<'v>(mut node: &'v Value, members: &[String]) -> Option<&'v Value> {
+    for member in members {
+        node = node.as_object()?.get(member)?;
+    }
+    Some(node)
+}
+
+fn walk_mut<'v>(mut node: &'v mut Value, members: &[String]) -> Option<&'v mut Value> {
+    for member in members {
+        node = node.as_object_mut()?.get_mut(member)?;
+    }
+    Some(node)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn get(body: &str, path: &str) -> Result<Option<Value>, JsonError> {
+        Body::new(body.as_bytes().to_vec()).get(&FieldPath::parse(path).unwrap())
+    }
+
+    #[test]
+    fn reads_top_level_and_nested_members() {
+        let body =
+            r#"{"messages":[{"role":"user","content":"hi \"model\""}],"metadata":{"tenant":"acme"},"model":"m1"}"#;
+        assert_eq!(get(body, "model").unwrap(), Some(json!("m1")));
+        assert_eq!(get(body, "$.metadata.tenant").unwrap(), Some(json!("acme")));
+        assert_eq!(get(body, "$['metadata']['tenant']").unwrap(), Some(json!("acme")));
+        assert_eq!(get(body, "$.metadata.missing").unwrap(), None);
+        assert_eq!(get(body, "$.model.deeper").unwrap(), None);
+        assert_eq!(get(body, "absent").unwrap(), None);
+    }
+
+    #[test]
+    fn general_jsonpath_queries_use_the_parsed_document() {
+        let body = r#"{"messages":[{"role":"system"},{"role":"user"}]}"#;
+        assert_eq!(get(body, "$.messages[1].role").unwrap(), Some(json!("user")));
+        assert!(matches!(
+            FieldPath::parse("$.messages[*].role").unwrap(),
+            FieldPath::Query { .. }
+        ));
+    }
+
+    #[test]
+    fn escaped_keys_are_decoded() {
+        assert_eq!(get(r#"{"mod\u0065l":"x"}"#, "model").unwrap(), Some(json!("x")));
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_even_when_escaped() {
+        assert_eq!(
+            get(r#"{"model":"a","model":"b"}"#, "model"),
+            Err(JsonError::DuplicateKey("model".into()))
+        );
+        assert_eq!(
+            get(r#"{"model":"a","x":1,"mod\u0065l":"b"}"#, "model"),
+            Err(JsonError::DuplicateKey("model".into()))
+        );
+        // The quoted bytes inside a string value are not a key.
+        assert_eq!(
+            get(r#"{"model":"a","role":"model"}"#, "model").unwrap(),
+            Some(json!("a"))
+        );
+    }
+
+    #[test]
+    fn malformed_and_non_object_bodies_are_errors() {
+        assert!(matches!(get("not json", "model"), Err(JsonError::Syntax(_))));
+        assert!(matches!(get(r#"{"a":1"#, "model"), Err(JsonError::Syntax(_))));
+        assert!(matches!(get(r#"{"a":1} trailing"#, "model"), Err(JsonError::Syntax(_))));
+        assert!(matches!(get("[1,2]", "model"), Err(JsonError::NotAnObject(_))));
+        assert!(matches!(get("\"str\"", "model"), Err(JsonError::NotAnObject(_))));
+        assert_eq!(get("  \n", "model").unwrap(), None);
+    }
+
+    #[test]
+    fn deep_nesting_never_overflows_the_stack() {
+        // Skipping is iterative: a deep but valid value before the field is read past.
+        let deep = format!(
+            "{{\"a\":{}{},\"model\":\"x\"}}",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        assert_eq!(get(&deep, "model").unwrap(), Some(json!("x")));
+        // Building a document stops at serde_json's recursion limit with an error.
+        let mut body = Body::new(deep.into_bytes());
+        assert!(matches!(body.doc(), Err(JsonError::Syntax(_))));
+        let unbalanced = format!("{{\"a\":{}", "[".repeat(100_000));
+        assert!(matches!(get(&unbalanced, "model"), Err(JsonError::Syntax(_))));
+    }
+
+    #[test]
+    fn unchanged_body_has_no_changes_and_set_reserializes_in_order() {
+        let mut body = Body::new(br#"{"b":1, "a":2}"#.to_vec());
+        assert_eq!(body.get(&FieldPath::parse("a").unwrap()).unwrap(), Some(json!(2)));
+        assert!(body.take_changes().is_none());
+        body.set(&FieldPath::parse("$.x.y").unwrap(), json!("z")).unwrap();
+        assert_eq!(body.get(&FieldPath::parse("$.x.y").unwrap()).unwrap(), Some(json!("z")));
+        assert_eq!(body.remove(&FieldPath::parse("b").unwrap()).unwrap(), Some(json!(1)));
+        assert_eq!(
+            String::from_utf8(body.take_changes().unwrap()).unwrap(),
+            r#"{"a":2,"x":{"y":"z"}}"#
+        );
+    }
+
+    #[test]
+    fn invalid_paths_are_refused() {
+        assert!(FieldPath::parse("").is_err());
+        assert!(FieldPath::parse("$[").is_err());
+        assert!(FieldPath::parse("$").is_err());
+    }
+}

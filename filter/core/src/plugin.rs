@@ -1,0 +1,187 @@
+//! What a plugin is and what it may do.
+
+use crate::host::{Direction, Host, MetricId};
+use crate::json::Body;
+use serde_json::json;
+
+/// How much of one direction of the exchange a plugin needs to see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum PhaseNeed {
+    /// The plugin does not take part in this direction.
+    Skip,
+    /// Headers only: the plugin runs when headers arrive and nothing is buffered for it.
+    Headers,
+    /// The whole body: the engine buffers (up to the configured limit) and runs the plugin at its end.
+    Body,
+}
+
+/// A reply the proxy sends instead of forwarding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    /// HTTP status.
+    pub status: u16,
+    /// Extra response headers.
+    pub headers: Vec<(String, String)>,
+    /// Response body.
+    pub body: Vec<u8>,
+}
+
+impl LocalReply {
+    /// An OpenAI-shaped JSON error: `{"error":{"message","type","code"}}`.
+    pub fn json_error(status: u16, code: &str, message: &str) -> Self {
+        let kind = match status {
+            429 => "rate_limit_error",
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
+        };
+        let body = json!({"error": {"message": message, "type": kind, "code": code}});
+        Self {
+            status,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: serde_json::to_vec(&body).expect("a json! value serializes"),
+        }
+    }
+}
+
+/// The outcome of a plugin that worked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Go on with the next processor.
+    Continue,
+    /// Answer now with this reply; later processors do not run.
+    Reject(LocalReply),
+}
+
+/// A plugin that could not do its work. Handled by the processor's failure mode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct PluginError {
+    /// Status of the local reply under FailClosed (500 when `None`).
+    pub status: Option<u16>,
+    /// Machine-readable code for the error body (`invalid_json`, ...).
+    pub code: String,
+    /// Human-readable message; must never contain request data a guard protects.
+    pub message: String,
+}
+
+impl PluginError {
+    /// An internal failure (500 under FailClosed).
+    pub fn internal(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status: None,
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+
+    /// A failure caused by the request (400 under FailClosed).
+    pub fn bad_request(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status: Some(400),
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A processor-local counter declared at build time with [`crate::BuildContext::counter`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counter(pub(crate) usize);
+
+/// A payload plugin. Built once per configuration load, shared by every stream and thread;
+/// per-stream state belongs in the engine, not in the plugin.
+pub trait Plugin: Send + Sync {
+    /// What the plugin needs of the request.
+    fn request_need(&self) -> PhaseNeed {
+        PhaseNeed::Skip
+    }
+    /// What the plugin needs of the response.
+    fn response_need(&self) -> PhaseNeed {
+        PhaseNeed::Skip
+    }
+    /// Runs on the request (at headers or at end of body, per [`Plugin::request_need`]).
+    fn on_request(&self, _ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
+        Ok(Decision::Continue)
+    }
+    /// Runs on the response (at headers or at end of body, per [`Plugin::response_need`]).
+    fn on_response(&self, _ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
+        Ok(Decision::Continue)
+    }
+}
+
+/// A plugin's view of one stream while it runs. All changes go through the engine.
+pub struct Context<'a> {
+    pub(crate) host: &'a mut dyn Host,
+    pub(crate) direction: Direction,
+    pub(crate) body: &'a mut Body,
+    pub(crate) request_headers_changed: &'a mut bool,
+    pub(crate) deadline_nanos: Option<u64>,
+    pub(crate) counters: &'a [MetricId],
+}
+
+impl Context<'_> {
+    /// The direction being processed.
+    pub fn direction(&self) -> Direction {
+        self.direction
+    }
+
+    /// A header of the direction being processed.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.host.header(self.direction, name)
+    }
+
+    /// A request header (also readable while processing the response).
+    pub fn request_header(&self, name: &str) -> Option<String> {
+        self.host.header(Direction::Request, name)
+    }
+
+    /// Sets a header of the direction being processed, replacing any value a client or
+    /// upstream sent. Values with control characters are refused, so no header injection.
+    pub fn set_header(&mut self, name: &str, value: &str) -> Result<(), PluginError> {
+        if let Some(bad) = value.bytes().find(|b| (*b < 0x20 && *b != b'\t') || *b == 0x7f) {
+            return Err(PluginError::bad_request(
+                "invalid_header_value",
+                format!("value for header {name} contains control character 0x{bad:02x}"),
+            ));
+        }
+        self.host.set_header(self.direction, name, value);
+        self.note_header_change();
+        Ok(())
+    }
+
+    /// Removes a header of the direction being processed.
+    pub fn remove_header(&mut self, name: &str) {
+        self.host.remove_header(self.direction, name);
+        self.note_header_change();
+    }
+
+    fn note_header_change(&mut self) {
+        if self.direction == Direction::Request {
+            *self.request_headers_changed = true;
+        }
+    }
+
+    /// The body of the direction being processed (empty for header-only plugins).
+    pub fn body(&mut self) -> &mut Body {
+        self.body
+    }
+
+    /// Writes a string into the stream's dynamic metadata.
+    pub fn set_metadata(&mut self, namespace: &str, key: &str, value: &str) {
+        self.host.set_metadata(namespace, key, value);
+    }
+
+    /// True once the processor's latency budget is used up; long-running plugins should stop early.
+    pub fn deadline_exceeded(&self) -> bool {
+        self.deadline_nanos
+            .is_some_and(|deadline| self.host.now_nanos() > deadline)
+    }
+
+    /// Adds one to a counter declared by this processor.
+    pub fn increment(&mut self, counter: Counter) {
+        if let Some(id) = self.counters.get(counter.0) {
+            self.host.increment_counter(*id, 1);
+        }
+    }
+}

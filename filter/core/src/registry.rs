@@ -1,0 +1,129 @@
+//! Plugin types by name. Built-ins are registered in one function of the plugins crate; a third
+//! party builds its own filter by registering more factories next to them.
+
+use crate::error::ConfigError;
+use crate::plugin::{Counter, Plugin};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// What a factory may use while building a plugin.
+#[derive(Debug)]
+pub struct BuildContext {
+    processor_name: String,
+    counters: Vec<String>,
+}
+
+impl BuildContext {
+    pub(crate) fn new(processor_name: &str) -> Self {
+        Self {
+            processor_name: processor_name.to_string(),
+            counters: Vec::new(),
+        }
+    }
+
+    /// The name of the processor being built.
+    pub fn processor_name(&self) -> &str {
+        &self.processor_name
+    }
+
+    /// Declares a counter `processor.<name>.<counter>`; increment it with [`crate::Context::increment`].
+    pub fn counter(&mut self, name: &str) -> Counter {
+        self.counters.push(name.to_string());
+        Counter(self.counters.len() - 1)
+    }
+
+    pub(crate) fn into_counters(self) -> Vec<String> {
+        self.counters
+    }
+
+    /// Deserializes the processor's `parameters` into its typed config. A missing `parameters`
+    /// reads as an empty mapping, so defaults apply. Error paths are relative to `parameters`.
+    pub fn parameters<T: serde::de::DeserializeOwned>(&self, parameters: &serde_json::Value) -> Result<T, ConfigError> {
+        let empty = serde_json::Value::Object(Default::default());
+        ConfigError::parse_value(if parameters.is_null() { &empty } else { parameters })
+    }
+}
+
+/// The signature of a plain factory function, the usual way to write a plugin's factory.
+pub type BuildFn = fn(&serde_json::Value, &mut BuildContext) -> Result<Arc<dyn Plugin>, ConfigError>;
+
+/// Builds plugins of one type from their parameters. All parsing and compiling happens here,
+/// once per configuration load.
+pub trait PluginFactory: Send + Sync {
+    /// Builds a plugin. Errors carry paths relative to `parameters`.
+    fn build(&self, parameters: &serde_json::Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugin>, ConfigError>;
+}
+
+impl<F> PluginFactory for F
+where
+    F: Fn(&serde_json::Value, &mut BuildContext) -> Result<Arc<dyn Plugin>, ConfigError> + Send + Sync,
+{
+    fn build(&self, parameters: &serde_json::Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugin>, ConfigError> {
+        self(parameters, ctx)
+    }
+}
+
+/// Why a factory could not be registered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    /// The type name is already taken.
+    #[error("plugin type {0:?} is already registered")]
+    Duplicate(String),
+    /// The type name is not kebab-case.
+    #[error("plugin type {0:?} is not a kebab-case name")]
+    InvalidName(String),
+}
+
+/// Plugin type name -> factory.
+#[derive(Default)]
+pub struct Registry {
+    factories: BTreeMap<String, Box<dyn PluginFactory>>,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a factory under a kebab-case type name.
+    pub fn register(&mut self, type_name: &str, factory: impl PluginFactory + 'static) -> Result<(), RegistryError> {
+        let valid = !type_name.is_empty()
+            && type_name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !type_name.starts_with('-')
+            && !type_name.ends_with('-');
+        if !valid {
+            return Err(RegistryError::InvalidName(type_name.to_string()));
+        }
+        if self.factories.contains_key(type_name) {
+            return Err(RegistryError::Duplicate(type_name.to_string()));
+        }
+        self.factories.insert(type_name.to_string(), Box::new(factory));
+        Ok(())
+    }
+
+    /// The registered type names, sorted.
+    pub fn type_names(&self) -> impl Iterator<Item = &str> {
+        self.factories.keys().map(String::as_str)
+    }
+
+    pub(crate) fn factory(&self, type_name: &str) -> Result<&dyn PluginFactory, String> {
+        self.factories
+            .get(type_name)
+            .map(|factory| factory.as_ref())
+            .ok_or_else(|| {
+                let known: Vec<&str> = self.type_names().collect();
+                format!("unknown plugin type {type_name:?}; known types: {}", known.join(", "))
+            })
+    }
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("types", &self.factories.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}

@@ -1,0 +1,167 @@
+//! A state-based fake host for unit tests of the engine and of plugins.
+
+use crate::host::{Direction, Host, MetricId};
+use std::collections::BTreeMap;
+
+/// A local reply the engine sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SentReply {
+    /// HTTP status.
+    pub status: u16,
+    /// Headers.
+    pub headers: Vec<(String, String)>,
+    /// Body.
+    pub body: Vec<u8>,
+    /// Response code details.
+    pub details: String,
+}
+
+impl SentReply {
+    /// The body parsed as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("local reply bodies are JSON")
+    }
+}
+
+/// In-memory headers, bodies, metadata and metrics; a clock that advances by `tick_nanos` per read.
+#[derive(Debug, Default, Clone)]
+pub struct FakeHost {
+    /// Request headers (lower-case names), in order.
+    pub request_headers: Vec<(String, String)>,
+    /// Response headers.
+    pub response_headers: Vec<(String, String)>,
+    /// Request body as the engine left it.
+    pub request_body: Vec<u8>,
+    /// Response body as the engine left it.
+    pub response_body: Vec<u8>,
+    /// How many times the body of each direction was replaced.
+    pub body_replacements: usize,
+    /// Dynamic metadata: (namespace, key) -> value.
+    pub metadata: BTreeMap<(String, String), String>,
+    /// The local reply, if one was sent.
+    pub reply: Option<SentReply>,
+    /// How often the route cache was cleared.
+    pub route_cache_clears: usize,
+    /// The buffer limit the engine asked for.
+    pub buffer_limit: u64,
+    /// Counter values by metric id.
+    pub counters: BTreeMap<usize, u64>,
+    /// Histogram samples by metric id.
+    pub histograms: BTreeMap<usize, Vec<u64>>,
+    /// Current clock value.
+    pub now: std::cell::Cell<u64>,
+    /// Clock advance per `now_nanos` call.
+    pub tick_nanos: u64,
+}
+
+impl FakeHost {
+    /// A POST request with the given path, headers and body.
+    pub fn request(path: &str, headers: &[(&str, &str)], body: &[u8]) -> Self {
+        let mut host = FakeHost::default();
+        host.request_headers.push((":method".into(), "POST".into()));
+        host.request_headers.push((":path".into(), path.into()));
+        for (name, value) in headers {
+            host.request_headers
+                .push((name.to_ascii_lowercase(), value.to_string()));
+        }
+        host.request_body = body.to_vec();
+        host
+    }
+
+    fn map(&self, dir: Direction) -> &Vec<(String, String)> {
+        match dir {
+            Direction::Request => &self.request_headers,
+            Direction::Response => &self.response_headers,
+        }
+    }
+
+    fn map_mut(&mut self, dir: Direction) -> &mut Vec<(String, String)> {
+        match dir {
+            Direction::Request => &mut self.request_headers,
+            Direction::Response => &mut self.response_headers,
+        }
+    }
+
+    /// Every value of a header.
+    pub fn header_values(&self, dir: Direction, name: &str) -> Vec<String> {
+        self.map(dir)
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// Value of a counter by full metric name in `chain`.
+    pub fn counter(&self, chain: &crate::Chain, name: &str) -> u64 {
+        let id = chain
+            .metrics()
+            .iter()
+            .position(|m| m.name == name)
+            .unwrap_or_else(|| panic!("no metric {name}"));
+        self.counters.get(&id).copied().unwrap_or(0)
+    }
+}
+
+impl Host for FakeHost {
+    fn header(&self, dir: Direction, name: &str) -> Option<String> {
+        self.map(dir)
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    }
+    fn set_header(&mut self, dir: Direction, name: &str, value: &str) {
+        self.remove_header(dir, name);
+        self.map_mut(dir).push((name.to_ascii_lowercase(), value.to_string()));
+    }
+    fn remove_header(&mut self, dir: Direction, name: &str) {
+        self.map_mut(dir).retain(|(n, _)| !n.eq_ignore_ascii_case(name));
+    }
+    fn body_len(&self, dir: Direction) -> u64 {
+        match dir {
+            Direction::Request => self.request_body.len() as u64,
+            Direction::Response => self.response_body.len() as u64,
+        }
+    }
+    fn read_body(&mut self, dir: Direction) -> Vec<u8> {
+        match dir {
+            Direction::Request => self.request_body.clone(),
+            Direction::Response => self.response_body.clone(),
+        }
+    }
+    fn replace_body(&mut self, dir: Direction, body: &[u8]) {
+        self.body_replacements += 1;
+        match dir {
+            Direction::Request => self.request_body = body.to_vec(),
+            Direction::Response => self.response_body = body.to_vec(),
+        }
+    }
+    fn clear_route_cache(&mut self) {
+        self.route_cache_clears += 1;
+    }
+    fn raise_buffer_limit(&mut self, bytes: u64) {
+        self.buffer_limit = self.buffer_limit.max(bytes);
+    }
+    fn set_metadata(&mut self, namespace: &str, key: &str, value: &str) {
+        self.metadata
+            .insert((namespace.to_string(), key.to_string()), value.to_string());
+    }
+    fn send_local_reply(&mut self, status: u16, headers: &[(String, String)], body: &[u8], details: &str) {
+        self.reply = Some(SentReply {
+            status,
+            headers: headers.to_vec(),
+            body: body.to_vec(),
+            details: details.to_string(),
+        });
+    }
+    fn now_nanos(&self) -> u64 {
+        let now = self.now.get() + self.tick_nanos;
+        self.now.set(now);
+        now
+    }
+    fn increment_counter(&mut self, id: MetricId, by: u64) {
+        *self.counters.entry(id.0).or_default() += by;
+    }
+    fn record_histogram(&mut self, id: MetricId, value: u64) {
+        self.histograms.entry(id.0).or_default().push(value);
+    }
+}
