@@ -1,0 +1,118 @@
+//! [`Host`] over Envoy's per-stream callbacks.
+
+use crate::ffi::{BodyBuffer, FilterHandle};
+use payload_processor_core::{Direction, Host, MetricId};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+pub(crate) struct EnvoyHost<'a> {
+    filter: FilterHandle,
+    metric_ids: &'a [Option<usize>],
+    /// In a body hook the body is the buffered chunks plus the chunk just received; in a
+    /// trailers hook it is the buffered chunks only.
+    in_body_hook: bool,
+}
+
+impl<'a> EnvoyHost<'a> {
+    pub(crate) fn new(filter: FilterHandle, metric_ids: &'a [Option<usize>], in_body_hook: bool) -> Self {
+        Self {
+            filter,
+            metric_ids,
+            in_body_hook,
+        }
+    }
+
+    /// The buffers that hold this direction's body right now, without reading one twice.
+    fn buffers(&self, request: bool) -> &'static [BodyBuffer] {
+        if !self.in_body_hook {
+            &[BodyBuffer::Buffered]
+        } else if self.filter.received_is_buffered(request) {
+            &[BodyBuffer::Received]
+        } else {
+            &[BodyBuffer::Buffered, BodyBuffer::Received]
+        }
+    }
+}
+
+fn is_request(dir: Direction) -> bool {
+    dir == Direction::Request
+}
+
+impl Host for EnvoyHost<'_> {
+    fn header(&self, dir: Direction, name: &str) -> Option<String> {
+        self.filter
+            .header(is_request(dir), name)
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    fn set_header(&mut self, dir: Direction, name: &str, value: &str) {
+        self.filter.set_header(is_request(dir), name, Some(value));
+    }
+
+    fn remove_header(&mut self, dir: Direction, name: &str) {
+        self.filter.set_header(is_request(dir), name, None);
+    }
+
+    fn body_len(&self, dir: Direction) -> u64 {
+        let request = is_request(dir);
+        self.buffers(request)
+            .iter()
+            .map(|b| self.filter.body_size(request, *b) as u64)
+            .sum()
+    }
+
+    fn read_body(&mut self, dir: Direction) -> Vec<u8> {
+        let request = is_request(dir);
+        let mut body = Vec::with_capacity(self.body_len(dir) as usize);
+        for buffer in self.buffers(request) {
+            self.filter.append_body_to(request, *buffer, &mut body);
+        }
+        body
+    }
+
+    fn replace_body(&mut self, dir: Direction, body: &[u8]) {
+        let request = is_request(dir);
+        let buffers = self.buffers(request);
+        for buffer in buffers {
+            self.filter
+                .drain_body(request, *buffer, self.filter.body_size(request, *buffer));
+        }
+        let target = *buffers.last().expect("at least one buffer");
+        self.filter.append_body(request, target, body);
+    }
+
+    fn clear_route_cache(&mut self) {
+        self.filter.clear_route_cache();
+    }
+
+    fn raise_buffer_limit(&mut self, bytes: u64) {
+        if self.filter.buffer_limit() < bytes {
+            self.filter.set_buffer_limit(bytes);
+        }
+    }
+
+    fn set_metadata(&mut self, namespace: &str, key: &str, value: &str) {
+        self.filter.set_metadata(namespace, key, value);
+    }
+
+    fn send_local_reply(&mut self, status: u16, headers: &[(String, String)], body: &[u8], details: &str) {
+        self.filter.send_response(status, headers, body, details);
+    }
+
+    fn now_nanos(&self) -> u64 {
+        static START: OnceLock<Instant> = OnceLock::new();
+        u64::try_from(START.get_or_init(Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn increment_counter(&mut self, id: MetricId, by: u64) {
+        if let Some(Some(envoy_id)) = self.metric_ids.get(id.0) {
+            self.filter.increment_counter(*envoy_id, by);
+        }
+    }
+
+    fn record_histogram(&mut self, id: MetricId, value: u64) {
+        if let Some(Some(envoy_id)) = self.metric_ids.get(id.0) {
+            self.filter.record_histogram(*envoy_id, value);
+        }
+    }
+}
