@@ -1,0 +1,46 @@
+//! An example third-party filter: every built-in plugin plus two of our own, `fault-injector`
+//! and `stamp-request`, built into `libcustom_payload_processor.so`.
+//!
+//! The end-to-end tests use it: `fault-injector` fails, panics or overruns its budget when a
+//! request header asks it to, proving FailClosed/FailOpen through Envoy; `stamp-request`
+//! changes the JSON body, proving re-serialization and content-length.
+#![deny(unsafe_code)]
+
+mod fault_injector;
+mod stamp_request;
+
+use payload_processor_core::Registry;
+
+/// The built-ins plus this crate's plugin types.
+pub fn registry() -> Registry {
+    let mut registry = payload_processor_plugins::builtin_registry();
+    registry
+        .register(fault_injector::TYPE_NAME, fault_injector::build)
+        .expect("unique type name");
+    registry
+        .register(stamp_request::TYPE_NAME, stamp_request::build)
+        .expect("unique type name");
+    registry
+}
+
+payload_processor::export_envoy_dynamic_module!(registry);
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn registers_next_to_the_builtins() {
+        let names: Vec<String> = super::registry().type_names().map(String::from).collect();
+        for expected in [
+            "body-field-to-header",
+            "base-model-to-header",
+            "fault-injector",
+            "stamp-request",
+        ] {
+            assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
+        }
+        let mut registry = super::registry();
+        assert!(registry
+            .register("fault-injector", super::fault_injector::build)
+            .is_err());
+    }
+}
