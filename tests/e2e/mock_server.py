@@ -1,0 +1,86 @@
+"""A local upstream for tests and the demo: answers every request with what it received.
+
+The JSON reply names the backend, echoes the request headers, the body's SHA-256 and length
+(so tests prove byte-for-byte forwarding), and for chat requests looks like an OpenAI chat
+completion. Handles chunked request bodies. Listens on 127.0.0.1 only.
+"""
+import hashlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def _read_chunked(rfile):
+    body = bytearray()
+    while True:
+        size = int(rfile.readline().split(b";")[0].strip() or b"0", 16)
+        if size == 0:
+            while rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass
+            return bytes(body)
+        body += rfile.read(size)
+        rfile.readline()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def _handle(self):
+        if self.headers.get("transfer-encoding", "").lower() == "chunked":
+            body = _read_chunked(self.rfile)
+        else:
+            body = self.rfile.read(int(self.headers.get("content-length") or 0))
+        server = self.server
+        model = None
+        try:
+            model = json.loads(body).get("model")
+        except Exception:
+            pass
+        reply = {
+            "backend": server.name,
+            "method": self.command,
+            "path": self.path,
+            "headers": {k.lower(): v for k, v in self.headers.items()},
+            "body_sha256": hashlib.sha256(body).hexdigest(),
+            "body_length": len(body),
+            "body": body[:65536].decode("utf-8", "replace"),
+            "object": "chat.completion",
+            "model": model,
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": f"Hello from {server.name}"}}],
+        }
+        payload = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(payload)))
+        self.send_header("x-backend", server.name)
+        self.end_headers()
+        self.wfile.write(payload)
+        server.requests.append(reply)
+
+    do_GET = do_POST = do_PUT = do_DELETE = _handle
+
+
+class MockServer:
+    """Echo upstream on 127.0.0.1 with a port chosen by the OS."""
+
+    def __init__(self, name):
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.name = name
+        self.httpd.requests = []
+        self.name = name
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def requests(self):
+        return self.httpd.requests
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
