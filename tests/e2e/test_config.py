@@ -1,0 +1,47 @@
+"""Bad configurations are refused by Envoy at load, with a path-qualified message in its log."""
+import pytest
+
+from harness import Envoy, bootstrap, cluster, processor_filter
+
+BAD_CONFIGS = [
+    ("unknown-type", "processors: [{name: a, type: no-such-plugin}]",
+     'processors[0].type: unknown plugin type "no-such-plugin"; known types: base-model-to-header, body-field-to-header'),
+    ("unknown-field", "processors: [{name: a, type: body-field-to-header, parameters: {feildName: model}}]",
+     "processors[0].parameters.feildName: unknown field `feildName`"),
+    ("unknown-top-level-field", "procesors: []", "procesors: unknown field `procesors`"),
+    ("duplicate-name", "processors: [{name: a, type: body-field-to-header}, {name: a, type: base-model-to-header}]",
+     'processors[1].name: duplicate processor name "a"'),
+    ("bad-jsonpath", "processors: [{name: a, type: body-field-to-header, parameters: {fieldName: '$.[bad'}}]",
+     "processors[0].parameters.fieldName: invalid JSONPath"),
+    ("bad-duration", "processors: [{name: a, type: body-field-to-header, timeout: 2 parsecs}]",
+     'processors[0].timeout: invalid duration "2 parsecs"'),
+    ("bad-failure-mode", "processors: [{name: a, type: body-field-to-header, failureMode: Sometimes}]",
+     "processors[0].failureMode: unknown variant `Sometimes`"),
+    ("bad-match-regex", "processors: [{name: a, type: body-field-to-header, match: {headers: [{name: x, regex: '('}]}}]",
+     "processors[0].match.headers[0].regex:"),
+    ("not-yaml", "processors: [", "invalid YAML"),
+]
+
+
+@pytest.mark.parametrize("text,expected", [(t, e) for _, t, e in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS])
+def test_envoy_refuses_bad_config_with_path(form, text, expected):
+    config = bootstrap([processor_filter(form, text)], [{"match": {"prefix": "/"}, "route": {"cluster": "x"}}],
+                       [cluster("x", 9)])
+    envoy = Envoy(config)
+    code = envoy.wait_exit()
+    log = envoy.log()
+    assert code != 0
+    assert expected in log, log[-3000:]
+
+
+def test_every_bundled_bootstrap_loads(form):
+    """Each Envoy config under envoy/ renders and starts with this form."""
+    from render import bundled_bootstraps, render
+
+    for path in bundled_bootstraps(form):
+        envoy = Envoy(render(path, {"LISTEN_PORT": 0, "ADMIN_PORT": 0, "UPSTREAM_A_PORT": 9, "UPSTREAM_B_PORT": 9,
+                                    "UPSTREAM_C_PORT": 9, "UPSTREAM_DEFAULT_PORT": 9}))
+        try:
+            envoy.wait_ready()
+        finally:
+            envoy.stop()
