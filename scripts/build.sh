@@ -1,11 +1,23 @@
 #!/usr/bin/env bash
 # Builds the release artifacts into dist/:
-#   dist/libpayload_processor.so         the Envoy dynamic module with the built-in plugins
-#   dist/libcustom_payload_processor.so  the third-party example (built-ins + its own plugins)
+#   dist/libpayload_processor.so          the Envoy dynamic module with the built-in plugins
+#   dist/payload_processor.wasm           the proxy-wasm filter with the built-in plugins
+#   dist/libcustom_payload_processor.so   the third-party example (built-ins + its own plugins)
+#   dist/custom_payload_processor.wasm    the same example as proxy-wasm
+# The example has its own target directory: it depends on the adapters with their exports
+# turned off, and sharing one would overwrite the uplifted adapter cdylibs with that variant.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p dist
+wasm=(--profile wasm-release --target wasm32-wasip1)
+example=(--manifest-path examples/custom-plugin/Cargo.toml --target-dir target/example)
+
 cargo build --release --locked -p payload-processor-dynamic-module
-cargo build --release --manifest-path examples/custom-plugin/Cargo.toml --target-dir target
-cp target/release/libpayload_processor.so target/release/libcustom_payload_processor.so dist/
+cp target/release/libpayload_processor.so dist/
+cargo build "${wasm[@]}" --locked -p payload-processor-proxy-wasm
+cp target/wasm32-wasip1/wasm-release/payload_processor_wasm.wasm dist/payload_processor.wasm
+cargo build --release "${example[@]}"
+cp target/example/release/libcustom_payload_processor.so dist/
+cargo build "${wasm[@]}" "${example[@]}"
+cp target/example/wasm32-wasip1/wasm-release/custom_payload_processor.wasm dist/
 ls -l dist/

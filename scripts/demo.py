@@ -31,15 +31,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--serve", action="store_true", help="keep Envoy running after the samples")
     parser.add_argument("--port", type=int, default=10000, help="listener port with --serve (0: any)")
+    parser.add_argument("--wasm", action="store_true", help="run the proxy-wasm form instead of the dynamic module")
     args = parser.parse_args()
 
     pools = {key: MockServer(name) for key, name in (("A", "pool-llama"), ("B", "pool-mistral"), ("C", "pool-qwen"))}
     values = {f"UPSTREAM_{key}_PORT": server.port for key, server in pools.items()}
-    values.update(LISTEN_PORT=args.port if args.serve else 0, ADMIN_PORT=0)
-    envoy = Envoy(render(ROOT / "envoy" / "demo-dynamic-module.yaml", values))
+    values.update(LISTEN_PORT=args.port if args.serve else 0, ADMIN_PORT=0,
+                  WASM_PATH=ROOT / "dist" / "payload_processor.wasm")
+    form = "wasm" if args.wasm else "dynamic-module"
+    artifact = "payload_processor.wasm" if args.wasm else "libpayload_processor.so"
+    envoy = Envoy(render(ROOT / "envoy" / f"demo-{form}.yaml", values))
     try:
         envoy.wait_ready()
-        print(f"Envoy 1.40 with libpayload_processor.so is up on 127.0.0.1:{envoy.port} "
+        print(f"Envoy 1.40 with {artifact} is up on 127.0.0.1:{envoy.port} "
               f"(started in {envoy.startup_seconds:.2f}s, admin on {envoy.admin})\n")
         print(f"{'request':<64} {'status':>6}  {'answered by':<13} headers set by the filter")
         for method, path, body in SAMPLES:
@@ -56,7 +60,7 @@ def main():
             set_by_filter = {k: v for k, v in headers.items() if k.startswith("x-gateway-")}
             detail = set_by_filter or payload.get("error", {}).get("code", "")
             print(f"{shown:<64} {reply.status_code:>6}  {backend:<13} {detail}")
-        stats = {k: v for k, v in envoy.stats().items() if v}
+        stats = {k: v for k, v in envoy.stats().items() if v and "latency" not in k}
         print("\nfilter stats:", json.dumps(stats, indent=1))
         if args.serve:
             print(f"\nServing. Try:\n  curl -s 127.0.0.1:{envoy.port}/v1/chat/completions "

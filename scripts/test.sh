@@ -7,7 +7,10 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# Core, plugins and the wasm adapter must also be clean for the wasm target.
+cargo clippy --target wasm32-wasip1 --locked -p payload-processor-core -p payload-processor-plugins \
+  -p payload-processor-proxy-wasm -- -D warnings
 cargo test --workspace --locked
-cargo test --manifest-path examples/custom-plugin/Cargo.toml --target-dir target
+cargo test --manifest-path examples/custom-plugin/Cargo.toml --target-dir target/example
 scripts/build.sh
 .venv/bin/python -m pytest tests/e2e -v -p no:cacheprovider "$@"

@@ -1,7 +1,7 @@
 """Bad configurations are refused by Envoy at load, with a path-qualified message in its log."""
 import pytest
 
-from harness import Envoy, bootstrap, cluster, processor_filter
+from harness import DIST, Envoy, bootstrap, cluster, processor_filter
 
 BAD_CONFIGS = [
     ("unknown-type", "processors: [{name: a, type: no-such-plugin}]",
@@ -38,9 +38,12 @@ def test_every_bundled_bootstrap_loads(form):
     """Each Envoy config under envoy/ renders and starts with this form."""
     from render import bundled_bootstraps, render
 
-    for path in bundled_bootstraps(form):
+    paths = bundled_bootstraps(form)
+    assert paths, f"a bundled bootstrap for {form}"
+    for path in paths:
         envoy = Envoy(render(path, {"LISTEN_PORT": 0, "ADMIN_PORT": 0, "UPSTREAM_A_PORT": 9, "UPSTREAM_B_PORT": 9,
-                                    "UPSTREAM_C_PORT": 9, "UPSTREAM_DEFAULT_PORT": 9}))
+                                    "UPSTREAM_C_PORT": 9, "UPSTREAM_DEFAULT_PORT": 9,
+                                    "WASM_PATH": DIST / "payload_processor.wasm"}))
         try:
             envoy.wait_ready()
         finally:

@@ -1,5 +1,6 @@
 //! An example third-party filter: every built-in plugin plus two of our own, `fault-injector`
-//! and `stamp-request`, built into `libcustom_payload_processor.so`.
+//! and `stamp-request`, built into `libcustom_payload_processor.so` (native) and
+//! `custom_payload_processor.wasm` (wasm32-wasip1) from the same code.
 //!
 //! The end-to-end tests use it: `fault-injector` fails, panics or overruns its budget when a
 //! request header asks it to, proving FailClosed/FailOpen through Envoy; `stamp-request`
@@ -23,7 +24,11 @@ pub fn registry() -> Registry {
     registry
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 payload_processor::export_envoy_dynamic_module!(registry);
+
+#[cfg(target_arch = "wasm32")]
+payload_processor_wasm::export_proxy_wasm!(registry);
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,112 @@
+//! [`Host`] over proxy-wasm host calls.
+
+use payload_processor_core::{Direction, Host, MetricId};
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{BufferType, MapType};
+use std::time::UNIX_EPOCH;
+
+pub(crate) struct WasmHost<'a> {
+    metric_ids: &'a [Option<u32>],
+    /// Size of the body buffered so far, as the body callback reported it (cumulative).
+    body_size: usize,
+}
+
+impl<'a> WasmHost<'a> {
+    pub(crate) fn new(metric_ids: &'a [Option<u32>], body_size: usize) -> Self {
+        Self { metric_ids, body_size }
+    }
+
+    /// Size of the buffered body outside a body callback (at trailers).
+    pub(crate) fn buffered_size(&self, request: bool) -> usize {
+        hostcalls::get_buffer(body_buffer(request), 0, usize::MAX)
+            .ok()
+            .flatten()
+            .map_or(0, |body| body.len())
+    }
+}
+
+fn headers_map(dir: Direction) -> MapType {
+    match dir {
+        Direction::Request => MapType::HttpRequestHeaders,
+        Direction::Response => MapType::HttpResponseHeaders,
+    }
+}
+
+fn body_buffer(request: bool) -> BufferType {
+    if request {
+        BufferType::HttpRequestBody
+    } else {
+        BufferType::HttpResponseBody
+    }
+}
+
+impl Host for WasmHost<'_> {
+    fn header(&self, dir: Direction, name: &str) -> Option<String> {
+        let value = hostcalls::get_map_value_bytes(headers_map(dir), name).ok().flatten()?;
+        Some(String::from_utf8_lossy(&value).into_owned())
+    }
+
+    fn set_header(&mut self, dir: Direction, name: &str, value: &str) {
+        // Replacing a request header also makes Envoy clear the route cache.
+        let _ = hostcalls::set_map_value(headers_map(dir), name, Some(value));
+    }
+
+    fn remove_header(&mut self, dir: Direction, name: &str) {
+        let _ = hostcalls::set_map_value(headers_map(dir), name, None);
+    }
+
+    fn body_len(&self, _dir: Direction) -> u64 {
+        self.body_size as u64
+    }
+
+    fn read_body(&mut self, dir: Direction) -> Vec<u8> {
+        hostcalls::get_buffer(body_buffer(dir == Direction::Request), 0, self.body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
+    fn replace_body(&mut self, dir: Direction, body: &[u8]) {
+        let _ = hostcalls::set_buffer(body_buffer(dir == Direction::Request), 0, self.body_size, body);
+    }
+
+    fn clear_route_cache(&mut self) {
+        // Envoy clears it on every request header change made from wasm; the explicit foreign
+        // function is only needed when nothing else changed.
+        let _ = hostcalls::call_foreign_function("clear_route_cache", None);
+    }
+
+    fn raise_buffer_limit(&mut self, _bytes: u64) {
+        // Not available to wasm: see the crate docs (per_connection_buffer_limit_bytes).
+    }
+
+    fn set_metadata(&mut self, namespace: &str, key: &str, value: &str) {
+        // proxy-wasm cannot write dynamic metadata in Envoy; this writes filter state
+        // `wasm.<namespace>.<key>`, readable by access logs with %FILTER_STATE(...)%.
+        let _ = hostcalls::set_property(vec![&format!("{namespace}.{key}")], Some(value.as_bytes()));
+    }
+
+    fn send_local_reply(&mut self, status: u16, headers: &[(String, String)], body: &[u8], _details: &str) {
+        let headers = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let _ = hostcalls::send_http_response(u32::from(status), headers, Some(body));
+    }
+
+    fn now_nanos(&self) -> u64 {
+        hostcalls::get_current_time()
+            .ok()
+            .and_then(|now| now.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |since| u64::try_from(since.as_nanos()).unwrap_or(u64::MAX))
+    }
+
+    fn increment_counter(&mut self, id: MetricId, by: u64) {
+        if let Some(Some(metric)) = self.metric_ids.get(id.0) {
+            let _ = hostcalls::increment_metric(*metric, i64::try_from(by).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn record_histogram(&mut self, id: MetricId, value: u64) {
+        if let Some(Some(metric)) = self.metric_ids.get(id.0) {
+            let _ = hostcalls::record_metric(*metric, value);
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! proxy-wasm form of envoy-payload-processor: `payload_processor.wasm`, for Envoy's
+//! `envoy.filters.http.wasm` with the v8 runtime, Envoy Gateway's `EnvoyExtensionPolicy.wasm`
+//! and other proxy-wasm hosts. It drives the same engine and plugins as the dynamic module;
+//! this crate is the only place that calls proxy-wasm.
+//!
+//! The plugin `configuration` (a `StringValue`) holds the same YAML or JSON chain. It is
+//! parsed and validated once per VM in `on_configure`; a bad configuration fails it, so Envoy
+//! refuses to load the filter, and the path-qualified reason is logged.
+//!
+//! Differences forced by the host (documented in the README):
+//! - the per-stream buffer limit cannot be raised from wasm; set the listener's
+//!   `per_connection_buffer_limit_bytes` at least as large as `maxRequestBodyBytes`;
+//! - Rust wasm builds abort on panic, so a plugin panic traps the VM instead of being caught;
+//!   with `failure_policy: FAIL_RELOAD` Envoy answers that request with 503 and starts a
+//!   fresh VM for the next one (the dynamic module answers 500 `processor_panic`);
+//! - Envoy prefixes wasm metrics with `wasmcustom.`.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod host;
+
+pub use payload_processor_core::Registry;
+#[doc(hidden)]
+pub use proxy_wasm;
+
+use host::WasmHost;
+use payload_processor_core::{BodyFlow, Chain, HeadersFlow, MetricKind, Stream};
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
+use std::sync::Arc;
+
+#[cfg(feature = "builtin-exports")]
+mod builtin_exports {
+    crate::export_proxy_wasm!(payload_processor_plugins::builtin_registry);
+}
+
+/// Exports the proxy-wasm entry point backed by the plugins of `$registry` (a `fn() -> Registry`).
+#[macro_export]
+macro_rules! export_proxy_wasm {
+    ($registry:path) => {
+        $crate::proxy_wasm::main! {{
+            $crate::start($registry);
+        }}
+    };
+}
+
+/// Installs the logger and the root context; called from the generated `_initialize`.
+#[doc(hidden)]
+pub fn start(registry: fn() -> Registry) {
+    // The root-context factory must be a plain fn, so the registry travels through a static.
+    let _ = REGISTRY.set(registry);
+    proxy_wasm::set_log_level(LogLevel::Trace);
+    // Panics abort in wasm, so the engine cannot catch them: the VM traps and Envoy's
+    // failure policy answers the request (503; a reply sent from here is overridden). Log why.
+    std::panic::set_hook(Box::new(|info| {
+        log::error!("payload-processor: panic, the VM will trap: {info}");
+    }));
+    proxy_wasm::set_root_context(|_| {
+        let registry = *REGISTRY.get().expect("set before the root context is created");
+        Box::new(Root { registry, loaded: None })
+    });
+}
+
+static REGISTRY: std::sync::OnceLock<fn() -> Registry> = std::sync::OnceLock::new();
+
+struct Loaded {
+    chain: Arc<Chain>,
+    metric_ids: Arc<[Option<u32>]>,
+}
+
+struct Root {
+    registry: fn() -> Registry,
+    loaded: Option<Loaded>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let bytes = self.get_plugin_configuration().unwrap_or_default();
+        let text = match String::from_utf8(bytes) {
+            Ok(text) => text,
+            Err(err) => {
+                log::error!("payload-processor: invalid configuration: not UTF-8: {err}");
+                return false;
+            }
+        };
+        match Chain::load(&text, &(self.registry)()) {
+            Ok(chain) => {
+                let metric_ids = chain
+                    .metrics()
+                    .iter()
+                    .map(|metric| {
+                        let kind = match metric.kind {
+                            MetricKind::Counter => MetricType::Counter,
+                            MetricKind::Histogram => MetricType::Histogram,
+                        };
+                        proxy_wasm::hostcalls::define_metric(kind, &format!("payload_processor.{}", metric.name)).ok()
+                    })
+                    .collect();
+                let names: Vec<&str> = chain.processor_names().collect();
+                log::info!("payload-processor: loaded chain [{}]", names.join(", "));
+                self.loaded = Some(Loaded {
+                    chain: Arc::new(chain),
+                    metric_ids,
+                });
+                true
+            }
+            Err(err) => {
+                log::error!("payload-processor: invalid configuration: {err}");
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let loaded = self.loaded.as_ref()?;
+        Some(Box::new(Filter {
+            stream: Stream::new(Arc::clone(&loaded.chain)),
+            metric_ids: Arc::clone(&loaded.metric_ids),
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Filter {
+    stream: Stream,
+    metric_ids: Arc<[Option<u32>]>,
+}
+
+fn headers_action(flow: HeadersFlow) -> Action {
+    match flow {
+        HeadersFlow::Continue => Action::Continue,
+        HeadersFlow::WaitForBody | HeadersFlow::Stop => Action::Pause,
+    }
+}
+
+// Pausing in a body callback buffers the data; after a local reply the stream is over.
+fn body_action(flow: BodyFlow) -> Action {
+    match flow {
+        BodyFlow::Continue => Action::Continue,
+        BodyFlow::Buffer | BodyFlow::Stop => Action::Pause,
+    }
+}
+
+impl Filter {
+    fn host(&self, body_size: usize) -> WasmHost<'_> {
+        WasmHost::new(&self.metric_ids, body_size)
+    }
+}
+
+impl Context for Filter {}
+
+impl HttpContext for Filter {
+    fn on_http_request_headers(&mut self, _count: usize, end_of_stream: bool) -> Action {
+        let mut host = WasmHost::new(&self.metric_ids, 0);
+        headers_action(self.stream.on_request_headers(&mut host, end_of_stream))
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let mut host = WasmHost::new(&self.metric_ids, body_size);
+        body_action(self.stream.on_request_body(&mut host, end_of_stream))
+    }
+
+    fn on_http_request_trailers(&mut self, _count: usize) -> Action {
+        let size = self.host(0).buffered_size(true);
+        let mut host = WasmHost::new(&self.metric_ids, size);
+        body_action(self.stream.on_request_trailers(&mut host))
+    }
+
+    fn on_http_response_headers(&mut self, _count: usize, end_of_stream: bool) -> Action {
+        let mut host = WasmHost::new(&self.metric_ids, 0);
+        headers_action(self.stream.on_response_headers(&mut host, end_of_stream))
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let mut host = WasmHost::new(&self.metric_ids, body_size);
+        body_action(self.stream.on_response_body(&mut host, end_of_stream))
+    }
+
+    fn on_http_response_trailers(&mut self, _count: usize) -> Action {
+        let size = self.host(0).buffered_size(false);
+        let mut host = WasmHost::new(&self.metric_ids, size);
+        body_action(self.stream.on_response_trailers(&mut host))
+    }
+}
