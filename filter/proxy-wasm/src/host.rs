@@ -15,14 +15,14 @@ impl<'a> WasmHost<'a> {
     pub(crate) fn new(metric_ids: &'a [Option<u32>], body_size: usize) -> Self {
         Self { metric_ids, body_size }
     }
+}
 
-    /// Size of the buffered body outside a body callback (at trailers).
-    pub(crate) fn buffered_size(&self, request: bool) -> usize {
-        hostcalls::get_buffer(body_buffer(request), 0, usize::MAX)
-            .ok()
-            .flatten()
-            .map_or(0, |body| body.len())
-    }
+/// Size of the buffered body outside a body callback (at trailers).
+pub(crate) fn buffered_size(request: bool) -> usize {
+    hostcalls::get_buffer(body_buffer(request), 0, usize::MAX)
+        .ok()
+        .flatten()
+        .map_or(0, |body| body.len())
 }
 
 fn headers_map(dir: Direction) -> MapType {

@@ -146,12 +146,6 @@ fn body_action(flow: BodyFlow) -> Action {
     }
 }
 
-impl Filter {
-    fn host(&self, body_size: usize) -> WasmHost<'_> {
-        WasmHost::new(&self.metric_ids, body_size)
-    }
-}
-
 impl Context for Filter {}
 
 impl HttpContext for Filter {
@@ -166,7 +160,7 @@ impl HttpContext for Filter {
     }
 
     fn on_http_request_trailers(&mut self, _count: usize) -> Action {
-        let size = self.host(0).buffered_size(true);
+        let size = host::buffered_size(true);
         let mut host = WasmHost::new(&self.metric_ids, size);
         body_action(self.stream.on_request_trailers(&mut host))
     }
@@ -182,7 +176,7 @@ impl HttpContext for Filter {
     }
 
     fn on_http_response_trailers(&mut self, _count: usize) -> Action {
-        let size = self.host(0).buffered_size(false);
+        let size = host::buffered_size(false);
         let mut host = WasmHost::new(&self.metric_ids, size);
         body_action(self.stream.on_response_trailers(&mut host))
     }
