@@ -2,11 +2,14 @@
 
 use crate::config::{FailureMode, FilterConfig, Limits};
 use crate::error::ConfigError;
+use crate::event_stream::{EventStream, StreamProtocol};
 use crate::host::{Direction, Host, MetricId};
 use crate::json::Body;
 use crate::matcher::Matcher;
-use crate::plugin::{Context, Decision, LocalReply, PhaseNeed, Plugin, PluginError};
+use crate::plugin::{Context, Decision, EventDecision, LocalReply, PhaseNeed, Plugin, PluginError, StreamNeed};
 use crate::registry::{BuildContext, Registry};
+use crate::sse::SseEvent;
+use std::any::Any;
 use std::collections::HashSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
@@ -38,6 +41,8 @@ struct ProcessorMetrics {
     budget_overruns: MetricId,
     panics: MetricId,
     latency_us: MetricId,
+    skipped_non_json: MetricId,
+    skipped_encoded: MetricId,
 }
 
 struct Processor {
@@ -48,6 +53,7 @@ struct Processor {
     plugin: Arc<dyn Plugin>,
     request: PhaseNeed,
     response: PhaseNeed,
+    stream: Option<StreamNeed>,
     metrics: ProcessorMetrics,
     counters: Vec<MetricId>,
 }
@@ -137,6 +143,8 @@ impl Chain {
                 budget_overruns: define("budget_overruns", MetricKind::Counter),
                 panics: define("panics", MetricKind::Counter),
                 latency_us: define("latency_us", MetricKind::Histogram),
+                skipped_non_json: define("skipped_non_json", MetricKind::Counter),
+                skipped_encoded: define("skipped_encoded", MetricKind::Counter),
             };
             let counters = build_ctx
                 .into_counters()
@@ -152,6 +160,7 @@ impl Chain {
                 matcher,
                 request: plugin.request_need(),
                 response: plugin.response_need(),
+                stream: plugin.stream_need(),
                 plugin,
                 metrics: processor_metrics,
                 counters,
@@ -187,7 +196,8 @@ impl Chain {
 pub enum HeadersFlow {
     /// Let the headers go on.
     Continue,
-    /// Hold the headers until the body has been buffered and processed.
+    /// Hold the headers until the body has been buffered and processed (or, for a streamed
+    /// response, until the first processed bytes go out).
     WaitForBody,
     /// A local reply was sent; stop this direction.
     Stop,
@@ -200,6 +210,9 @@ pub enum BodyFlow {
     Continue,
     /// Keep buffering.
     Buffer,
+    /// The engine took this chunk's bytes into its own state: pass nothing on, keep the
+    /// headers held, buffer nothing (a streamed response whose first bytes are still held).
+    Hold,
     /// A local reply was sent; drop the data.
     Stop,
 }
@@ -209,16 +222,25 @@ enum PhaseState {
     #[default]
     Idle,
     Buffering,
+    Streaming,
     Done,
 }
 
 /// Per-stream state. Create one per HTTP stream with [`Stream::new`].
 pub struct Stream {
     chain: Arc<Chain>,
+    /// Processors whose `match` matched the request.
     active: Vec<bool>,
+    /// Processors that take part in the response, decided when its headers arrive (a body
+    /// reader is dropped for a response it cannot read).
+    response_active: Vec<bool>,
     request: PhaseState,
     response: PhaseState,
+    events: Option<EventStream>,
     replied: bool,
+    /// Each processor's per-stream state ([`Context::state`]).
+    states: Vec<Option<Box<dyn Any>>>,
+    started_nanos: u64,
 }
 
 enum Failure {
@@ -227,15 +249,65 @@ enum Failure {
     Panic,
 }
 
+/// What a plugin asked for, whichever callback it was.
+enum Step {
+    Continue,
+    Drop,
+    Reject(LocalReply),
+}
+
+impl From<Decision> for Step {
+    fn from(decision: Decision) -> Self {
+        match decision {
+            Decision::Continue => Step::Continue,
+            Decision::Reject(reply) => Step::Reject(reply),
+        }
+    }
+}
+
+impl From<EventDecision> for Step {
+    fn from(decision: EventDecision) -> Self {
+        match decision {
+            EventDecision::Continue => Step::Continue,
+            EventDecision::Drop => Step::Drop,
+            EventDecision::Reject(reply) => Step::Reject(reply),
+        }
+    }
+}
+
+/// A processor's outcome after its failure mode was applied.
+enum Verdict {
+    /// Go on (the plugin continued, or failed open).
+    Continue,
+    /// Go on without this event.
+    Drop,
+    /// End the exchange with this reply; the second field is the response code details.
+    Stop(LocalReply, String),
+}
+
+/// Media type of a `content-type` value, lower-cased, without parameters.
+fn media_type(content_type: &str) -> String {
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase()
+}
+
 impl Stream {
     /// A fresh stream of `chain`.
     pub fn new(chain: Arc<Chain>) -> Self {
         Self {
             chain,
             active: Vec::new(),
+            response_active: Vec::new(),
             request: PhaseState::Idle,
             response: PhaseState::Idle,
+            events: None,
             replied: false,
+            states: Vec::new(),
+            started_nanos: 0,
         }
     }
 
@@ -247,7 +319,20 @@ impl Stream {
     /// Request headers arrived. Decides which processors apply and whether to buffer.
     pub fn on_request_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> HeadersFlow {
         let chain = Arc::clone(&self.chain);
+        self.started_nanos = host.now_nanos();
         self.active = chain.processors.iter().map(|p| p.matcher.matches(host)).collect();
+        self.response_active = vec![false; chain.processors.len()];
+        self.states = chain.processors.iter().map(|_| None).collect();
+        let reads_response = chain
+            .processors
+            .iter()
+            .zip(&self.active)
+            .any(|(p, active)| *active && (p.response == PhaseNeed::Body || p.stream.is_some()));
+        if reads_response {
+            // Response plugins must see plain text: ask the upstream not to compress. (To
+            // compress towards the client, put Envoy's compressor filter before this one.)
+            host.set_header(Direction::Request, "accept-encoding", "identity");
+        }
         self.on_headers(host, Direction::Request, end_of_stream)
     }
 
@@ -261,12 +346,71 @@ impl Stream {
         self.on_body(host, Direction::Request, true)
     }
 
-    /// Response headers arrived.
+    /// Response headers arrived. Decides, from the content type and encoding, which response
+    /// processors can run, and whether to pass through, buffer, or stream events.
     pub fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> HeadersFlow {
         if self.replied {
             return HeadersFlow::Continue; // our own local reply passing through the encoder
         }
-        self.on_headers(host, Direction::Response, end_of_stream)
+        let chain = Arc::clone(&self.chain);
+        if self.active.len() != chain.processors.len() {
+            return HeadersFlow::Continue; // no request headers were seen
+        }
+        let media = media_type(&host.header(Direction::Response, "content-type").unwrap_or_default());
+        let event_stream = media == "text/event-stream";
+        let json = media == "application/json" || media.ends_with("+json");
+        let encoding = host
+            .header(Direction::Response, "content-encoding")
+            .map(|e| e.trim().to_ascii_lowercase())
+            .filter(|e| !e.is_empty() && e != "identity");
+        let mut hold_back: Option<usize> = None;
+        for (index, processor) in chain.processors.iter().enumerate() {
+            self.response_active[index] = false;
+            if !self.active[index] {
+                continue;
+            }
+            let reads_events = event_stream && !end_of_stream && processor.stream.is_some();
+            let reads_body = processor.response == PhaseNeed::Body && (json || end_of_stream);
+            if reads_events || reads_body {
+                if let Some(encoding) = encoding.as_deref().filter(|_| !end_of_stream) {
+                    if processor.failure_mode == FailureMode::FailClosed {
+                        let message = format!(
+                            "the upstream answered with content-encoding {encoding}, which processor {} cannot \
+                             inspect",
+                            processor.name
+                        );
+                        let reply = LocalReply::json_error(502, "response_encoded", &message);
+                        self.reply(host, &reply, "payload_processor.response_encoded");
+                        return HeadersFlow::Stop;
+                    }
+                    host.increment_counter(processor.metrics.skipped_encoded, 1);
+                    continue;
+                }
+                self.response_active[index] = true;
+                if reads_events {
+                    let window = processor.stream.unwrap_or_default().hold_back_bytes;
+                    hold_back = Some(hold_back.unwrap_or(0).max(window));
+                }
+            } else if processor.response == PhaseNeed::Body {
+                host.increment_counter(processor.metrics.skipped_non_json, 1);
+            } else if processor.response == PhaseNeed::Headers {
+                self.response_active[index] = true;
+            }
+        }
+        let Some(hold_back) = hold_back else {
+            return self.on_headers(host, Direction::Response, end_of_stream);
+        };
+        // A streamed response: header-stage processors run now, event processors per event.
+        self.response = PhaseState::Streaming;
+        if !self.run(host, Direction::Response, Body::default(), true) {
+            return HeadersFlow::Stop;
+        }
+        // Events may change length; a stream with a content-length would be cut or padded.
+        host.remove_header(Direction::Response, "content-length");
+        let path = host.header(Direction::Request, ":path").unwrap_or_default();
+        let max_event = usize::try_from(self.chain.limits.max_response_body_bytes).unwrap_or(usize::MAX);
+        self.events = Some(EventStream::new(max_event, hold_back, StreamProtocol::from_path(&path)));
+        HeadersFlow::WaitForBody
     }
 
     /// A response body chunk arrived.
@@ -274,19 +418,32 @@ impl Stream {
         if self.replied && self.response == PhaseState::Idle {
             return BodyFlow::Continue;
         }
+        if self.response == PhaseState::Streaming {
+            return self.on_stream_data(host, end_of_stream);
+        }
         self.on_body(host, Direction::Response, end_of_stream)
     }
 
     /// Response trailers arrived.
     pub fn on_response_trailers(&mut self, host: &mut dyn Host) -> BodyFlow {
+        if self.response == PhaseState::Streaming {
+            return self.on_stream_data(host, true);
+        }
         self.on_body(host, Direction::Response, true)
+    }
+
+    fn mask(&self, direction: Direction) -> &[bool] {
+        match direction {
+            Direction::Request => &self.active,
+            Direction::Response => &self.response_active,
+        }
     }
 
     fn need(&self, direction: Direction) -> PhaseNeed {
         self.chain
             .processors
             .iter()
-            .zip(&self.active)
+            .zip(self.mask(direction))
             .filter(|(_, active)| **active)
             .map(|(p, _)| p.need(direction))
             .max()
@@ -324,7 +481,7 @@ impl Stream {
             // Header-only chains, and body chains when there is no body: run now on an empty body.
             _ => {
                 *self.state(direction) = PhaseState::Done;
-                if self.run(host, direction, Body::default()) {
+                if self.run(host, direction, Body::default(), false) {
                     HeadersFlow::Continue
                 } else {
                     HeadersFlow::Stop
@@ -351,7 +508,7 @@ impl Stream {
         }
         *self.state(direction) = PhaseState::Done;
         let body = Body::new(host.read_body(direction));
-        if self.run(host, direction, body) {
+        if self.run(host, direction, body, false) {
             BodyFlow::Continue
         } else {
             BodyFlow::Stop
@@ -377,10 +534,12 @@ impl Stream {
                 host.increment_counter(self.chain.response_body_too_large, 1);
                 *self.state(direction) = PhaseState::Done;
                 let chain = Arc::clone(&self.chain);
-                let fail_closed = chain.processors.iter().zip(&self.active).any(|(p, active)| {
-                    *active && p.response == PhaseNeed::Body && p.failure_mode == FailureMode::FailClosed
-                });
-                if fail_closed {
+                let readers = chain
+                    .processors
+                    .iter()
+                    .zip(&self.response_active)
+                    .filter(|(p, active)| **active && p.response == PhaseNeed::Body);
+                if readers.clone().any(|(p, _)| p.failure_mode == FailureMode::FailClosed) {
                     let reply = LocalReply::json_error(
                         502,
                         "response_too_large",
@@ -389,12 +548,7 @@ impl Stream {
                     self.reply(host, &reply, "payload_processor.response_body_too_large");
                     HeadersFlow::Stop
                 } else {
-                    for (p, _) in chain
-                        .processors
-                        .iter()
-                        .zip(&self.active)
-                        .filter(|(p, a)| **a && p.response == PhaseNeed::Body)
-                    {
+                    for (p, _) in readers {
                         host.increment_counter(p.metrics.fail_open, 1);
                     }
                     log::warn!("response body over {limit} bytes: skipping fail-open response processors");
@@ -409,107 +563,34 @@ impl Stream {
         host.send_local_reply(reply.status, &reply.headers, &reply.body, details);
     }
 
-    /// Runs the active processors of `direction` in order, then applies the changes.
-    /// Returns false when a local reply was sent.
-    fn run(&mut self, host: &mut dyn Host, direction: Direction, mut body: Body) -> bool {
+    /// Runs the active processors of `direction` in order (with `headers_stage`, only the
+    /// header-only ones), then applies the changes. Returns false when a local reply was sent.
+    fn run(&mut self, host: &mut dyn Host, direction: Direction, mut body: Body, headers_stage: bool) -> bool {
         let chain = Arc::clone(&self.chain);
         let mut request_headers_changed = false;
-        for (processor, _) in chain
-            .processors
-            .iter()
-            .zip(&self.active)
-            .filter(|(p, active)| **active && p.need(direction) != PhaseNeed::Skip)
-        {
-            let metrics = processor.metrics;
-            let started = host.now_nanos();
-            let deadline_nanos = processor.timeout_nanos.map(|budget| started.saturating_add(budget));
-            let outcome = catch_unwind(AssertUnwindSafe(|| {
-                let mut ctx = Context {
-                    host: &mut *host,
-                    direction,
-                    body: &mut body,
-                    request_headers_changed: &mut request_headers_changed,
-                    deadline_nanos,
-                    counters: &processor.counters,
-                };
-                match direction {
-                    Direction::Request => processor.plugin.on_request(&mut ctx),
-                    Direction::Response => processor.plugin.on_response(&mut ctx),
-                }
-            }));
-            let elapsed = host.now_nanos().saturating_sub(started);
-            host.increment_counter(metrics.invocations, 1);
-            host.record_histogram(metrics.latency_us, elapsed / 1_000);
-            let overran = processor.timeout_nanos.is_some_and(|budget| elapsed > budget);
-            if overran {
-                host.increment_counter(metrics.budget_overruns, 1);
+        for (index, processor) in chain.processors.iter().enumerate() {
+            let need = processor.need(direction);
+            if !self.mask(direction)[index] || need == PhaseNeed::Skip || (headers_stage && need != PhaseNeed::Headers)
+            {
+                continue;
             }
-            let result = match outcome {
-                Ok(Ok(Decision::Continue)) if overran => Err(Failure::Overrun),
-                Ok(Ok(decision)) => Ok(decision),
-                Ok(Err(error)) => Err(Failure::Error(error)),
-                Err(_) => Err(Failure::Panic),
-            };
-            match result {
-                Ok(Decision::Continue) => {}
-                Ok(Decision::Reject(reply)) => {
-                    host.increment_counter(metrics.rejections, 1);
-                    log::debug!(
-                        "processor {} rejected the {} with {}",
-                        processor.name,
-                        direction.as_str(),
-                        reply.status
-                    );
-                    self.reply(host, &reply, &format!("payload_processor.{}.rejected", processor.name));
-                    return false;
-                }
-                Err(failure) => {
-                    let (reply, reason) = match &failure {
-                        Failure::Error(error) => {
-                            host.increment_counter(metrics.errors, 1);
-                            (
-                                LocalReply::json_error(error.status.unwrap_or(500), &error.code, &error.message),
-                                error.message.clone(),
-                            )
-                        }
-                        Failure::Overrun => (
-                            LocalReply::json_error(
-                                500,
-                                "processor_budget_exceeded",
-                                &format!("processor {} exceeded its latency budget", processor.name),
-                            ),
-                            format!("latency budget exceeded ({elapsed} ns)"),
-                        ),
-                        Failure::Panic => {
-                            host.increment_counter(metrics.panics, 1);
-                            (
-                                LocalReply::json_error(
-                                    500,
-                                    "processor_panic",
-                                    &format!("processor {} failed internally", processor.name),
-                                ),
-                                "panicked".to_string(),
-                            )
-                        }
-                    };
-                    // A panic leaves the plugin's work in an unknown state: always fail closed.
-                    if processor.failure_mode == FailureMode::FailOpen && !matches!(failure, Failure::Panic) {
-                        host.increment_counter(metrics.fail_open, 1);
-                        log::warn!(
-                            "processor {} failed open on the {}: {reason}",
-                            processor.name,
-                            direction.as_str()
-                        );
-                        continue;
+            let verdict = self.invoke(
+                host,
+                index,
+                direction,
+                &mut body,
+                &mut request_headers_changed,
+                |plugin, ctx| {
+                    match direction {
+                        Direction::Request => plugin.on_request(ctx),
+                        Direction::Response => plugin.on_response(ctx),
                     }
-                    log::warn!(
-                        "processor {} failed closed on the {}: {reason}",
-                        processor.name,
-                        direction.as_str()
-                    );
-                    self.reply(host, &reply, &format!("payload_processor.{}.failed", processor.name));
-                    return false;
-                }
+                    .map(Step::from)
+                },
+            );
+            if let Verdict::Stop(reply, details) = verdict {
+                self.reply(host, &reply, &details);
+                return false;
             }
         }
         if let Some(bytes) = body.take_changes() {
@@ -520,5 +601,250 @@ impl Stream {
             host.clear_route_cache();
         }
         true
+    }
+
+    /// Runs one processor callback with its budget, metrics, panic guard and failure mode.
+    fn invoke(
+        &mut self,
+        host: &mut dyn Host,
+        index: usize,
+        direction: Direction,
+        body: &mut Body,
+        request_headers_changed: &mut bool,
+        call: impl FnOnce(&dyn Plugin, &mut Context<'_>) -> Result<Step, PluginError>,
+    ) -> Verdict {
+        let chain = Arc::clone(&self.chain);
+        let processor = &chain.processors[index];
+        let metrics = processor.metrics;
+        let started = host.now_nanos();
+        let deadline_nanos = processor.timeout_nanos.map(|budget| started.saturating_add(budget));
+        let started_nanos = self.started_nanos;
+        let state = &mut self.states[index];
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            let mut ctx = Context {
+                host: &mut *host,
+                direction,
+                body,
+                request_headers_changed,
+                deadline_nanos,
+                counters: &processor.counters,
+                state,
+                started_nanos,
+            };
+            call(processor.plugin.as_ref(), &mut ctx)
+        }));
+        let elapsed = host.now_nanos().saturating_sub(started);
+        host.increment_counter(metrics.invocations, 1);
+        host.record_histogram(metrics.latency_us, elapsed / 1_000);
+        let overran = processor.timeout_nanos.is_some_and(|budget| elapsed > budget);
+        if overran {
+            host.increment_counter(metrics.budget_overruns, 1);
+        }
+        let failure = match outcome {
+            Ok(Ok(Step::Continue | Step::Drop)) if overran => Failure::Overrun,
+            Ok(Ok(Step::Continue)) => return Verdict::Continue,
+            Ok(Ok(Step::Drop)) => return Verdict::Drop,
+            Ok(Ok(Step::Reject(reply))) => {
+                host.increment_counter(metrics.rejections, 1);
+                log::debug!(
+                    "processor {} rejected the {} with {}",
+                    processor.name,
+                    direction.as_str(),
+                    reply.status
+                );
+                return Verdict::Stop(reply, format!("payload_processor.{}.rejected", processor.name));
+            }
+            Ok(Err(error)) => Failure::Error(error),
+            Err(_) => Failure::Panic,
+        };
+        let (reply, reason) = match &failure {
+            Failure::Error(error) => {
+                host.increment_counter(metrics.errors, 1);
+                (
+                    LocalReply::json_error(error.status.unwrap_or(500), &error.code, &error.message),
+                    error.message.clone(),
+                )
+            }
+            Failure::Overrun => (
+                LocalReply::json_error(
+                    500,
+                    "processor_budget_exceeded",
+                    &format!("processor {} exceeded its latency budget", processor.name),
+                ),
+                format!("latency budget exceeded ({elapsed} ns)"),
+            ),
+            Failure::Panic => {
+                host.increment_counter(metrics.panics, 1);
+                (
+                    LocalReply::json_error(
+                        500,
+                        "processor_panic",
+                        &format!("processor {} failed internally", processor.name),
+                    ),
+                    "panicked".to_string(),
+                )
+            }
+        };
+        // A panic leaves the plugin's work in an unknown state: always fail closed.
+        if processor.failure_mode == FailureMode::FailOpen && !matches!(failure, Failure::Panic) {
+            host.increment_counter(metrics.fail_open, 1);
+            log::warn!(
+                "processor {} failed open on the {}: {reason}",
+                processor.name,
+                direction.as_str()
+            );
+            return Verdict::Continue;
+        }
+        log::warn!(
+            "processor {} failed closed on the {}: {reason}",
+            processor.name,
+            direction.as_str()
+        );
+        Verdict::Stop(reply, format!("payload_processor.{}.failed", processor.name))
+    }
+
+    /// Indexes of the processors that see this response's events, in chain order.
+    fn event_processors(&self) -> Vec<usize> {
+        (0..self.chain.processors.len())
+            .filter(|&i| self.response_active[i] && self.chain.processors[i].stream.is_some())
+            .collect()
+    }
+
+    /// A chunk of a streamed response: parse events, run the event processors on each, hold
+    /// back the window, release the rest (everything at end of stream).
+    fn on_stream_data(&mut self, host: &mut dyn Host, end_of_stream: bool) -> BodyFlow {
+        if self.replied {
+            return BodyFlow::Stop;
+        }
+        let Some(mut events) = self.events.take() else {
+            return BodyFlow::Continue;
+        };
+        let flow = self.stream_chunk(host, &mut events, end_of_stream);
+        self.events = Some(events);
+        flow
+    }
+
+    fn stream_chunk(&mut self, host: &mut dyn Host, stream: &mut EventStream, end_of_stream: bool) -> BodyFlow {
+        if stream.passthrough {
+            return BodyFlow::Continue;
+        }
+        let chunk = host.read_body(Direction::Response);
+        if stream.finished {
+            // The client already has its terminal event: swallow the rest of the upstream's.
+            if !chunk.is_empty() {
+                host.replace_body(Direction::Response, &[]);
+            }
+            return BodyFlow::Continue;
+        }
+        stream.parser.push(&chunk);
+        let processors = self.event_processors();
+        let mut stop: Option<(LocalReply, String)> = None;
+        loop {
+            match stream.parser.next_event(end_of_stream) {
+                Ok(Some(mut event)) => {
+                    if event.is_empty() {
+                        stream.hold(event.to_bytes());
+                        continue;
+                    }
+                    stream.observe(&mut event);
+                    match self.run_event(host, &processors, &mut event) {
+                        Verdict::Continue => stream.hold(event.to_bytes()),
+                        Verdict::Drop => {}
+                        Verdict::Stop(reply, details) => {
+                            stop = Some((reply, details));
+                            break;
+                        }
+                    }
+                }
+                Ok(None) => break,
+                Err(too_large) => {
+                    host.increment_counter(self.chain.response_body_too_large, 1);
+                    let chain = Arc::clone(&self.chain);
+                    let fail_closed = processors
+                        .iter()
+                        .any(|&i| chain.processors[i].failure_mode == FailureMode::FailClosed);
+                    if fail_closed {
+                        let reply = LocalReply::json_error(502, "response_event_too_large", &too_large.to_string());
+                        stop = Some((reply, "payload_processor.response_event_too_large".into()));
+                    } else {
+                        log::warn!("{too_large}: passing the rest of the stream through unread");
+                        for &i in &processors {
+                            host.increment_counter(chain.processors[i].metrics.fail_open, 1);
+                        }
+                        stream.passthrough = true;
+                    }
+                    break;
+                }
+            }
+        }
+        if stop.is_none() && end_of_stream && !stream.passthrough {
+            stop = self.run_stream_end(host, &processors);
+        }
+        let mut out = Vec::new();
+        match stop {
+            Some((reply, details)) => {
+                stream.discard_held();
+                stream.parser.take_pending();
+                stream.finished = true;
+                if !stream.started {
+                    // Nothing reached the client yet: an ordinary error response.
+                    self.reply(host, &reply, &details);
+                    return BodyFlow::Stop;
+                }
+                log::debug!("ending a started event stream ({details})");
+                out = stream.terminal_events(&reply);
+            }
+            None => {
+                stream.release(&mut out, end_of_stream || stream.passthrough);
+                if stream.passthrough {
+                    out.extend(stream.parser.take_pending());
+                }
+            }
+        }
+        if out != chunk {
+            host.replace_body(Direction::Response, &out);
+        }
+        if out.is_empty() && !stream.started && !end_of_stream {
+            return BodyFlow::Hold;
+        }
+        stream.started = true;
+        BodyFlow::Continue
+    }
+
+    /// Runs the event processors on one event, in order.
+    fn run_event(&mut self, host: &mut dyn Host, processors: &[usize], event: &mut SseEvent) -> Verdict {
+        for &index in processors {
+            let verdict = self.invoke(
+                host,
+                index,
+                Direction::Response,
+                &mut Body::default(),
+                &mut false,
+                |plugin, ctx| plugin.on_response_event(ctx, event).map(Step::from),
+            );
+            match verdict {
+                Verdict::Continue => {}
+                other => return other,
+            }
+        }
+        Verdict::Continue
+    }
+
+    /// Tells the event processors the stream ended; the first rejection wins.
+    fn run_stream_end(&mut self, host: &mut dyn Host, processors: &[usize]) -> Option<(LocalReply, String)> {
+        for &index in processors {
+            let verdict = self.invoke(
+                host,
+                index,
+                Direction::Response,
+                &mut Body::default(),
+                &mut false,
+                |plugin, ctx| plugin.on_stream_end(ctx).map(Step::from),
+            );
+            if let Verdict::Stop(reply, details) = verdict {
+                return Some((reply, details));
+            }
+        }
+        None
     }
 }

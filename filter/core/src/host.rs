@@ -50,6 +50,10 @@ pub trait Host {
     fn raise_buffer_limit(&mut self, bytes: u64);
     /// Writes a string into the stream's dynamic metadata.
     fn set_metadata(&mut self, namespace: &str, key: &str, value: &str);
+    /// Writes a number into the stream's dynamic metadata (hosts without numbers store text).
+    fn set_metadata_number(&mut self, namespace: &str, key: &str, value: f64) {
+        self.set_metadata(namespace, key, &value.to_string());
+    }
     /// Sends a local reply instead of the upstream's response.
     fn send_local_reply(&mut self, status: u16, headers: &[(String, String)], body: &[u8], details: &str);
     /// Monotonic clock in nanoseconds (wasm hosts may only offer wall time).

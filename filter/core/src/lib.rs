@@ -33,9 +33,11 @@
 
 pub mod config;
 mod engine;
+mod event_stream;
 pub mod error;
 pub mod host;
 pub mod json;
+pub mod sse;
 mod matcher;
 mod plugin;
 mod registry;
@@ -46,5 +48,6 @@ pub use engine::{BodyFlow, Chain, HeadersFlow, MetricDef, MetricKind, Stream};
 pub use error::ConfigError;
 pub use host::{Direction, Host, MetricId};
 pub use json::{Body, FieldPath, JsonError};
-pub use plugin::{Context, Counter, Decision, LocalReply, PhaseNeed, Plugin, PluginError};
+pub use plugin::{Context, Counter, Decision, EventDecision, LocalReply, PhaseNeed, Plugin, PluginError, StreamNeed};
+pub use sse::SseEvent;
 pub use registry::{BuildContext, BuildFn, PluginFactory, Registry, RegistryError};

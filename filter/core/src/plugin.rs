@@ -2,7 +2,9 @@
 
 use crate::host::{Direction, Host, MetricId};
 use crate::json::Body;
+use crate::sse::SseEvent;
 use serde_json::json;
+use std::any::Any;
 
 /// How much of one direction of the exchange a plugin needs to see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -14,6 +16,30 @@ pub enum PhaseNeed {
     Headers,
     /// The whole body: the engine buffers (up to the configured limit) and runs the plugin at its end.
     Body,
+}
+
+/// What a plugin needs of a streamed (`text/event-stream`) response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StreamNeed {
+    /// Bytes of already-processed events the engine may hold back from the client, so that a
+    /// plugin that spots a problem spanning several events can still stop them (a phrase
+    /// split over tokens). The engine holds at most the largest window any active plugin
+    /// asks for, releases everything older at once, and flushes at end of stream. Zero: every
+    /// event goes on as soon as the plugins have seen it.
+    pub hold_back_bytes: usize,
+}
+
+/// The outcome of a plugin that looked at one streamed event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventDecision {
+    /// Keep the event (changed or not) and go on with the next processor.
+    Continue,
+    /// Remove the event from the stream; later processors do not see it.
+    Drop,
+    /// Stop the stream. Before any byte reached the client this reply is sent as is; after,
+    /// the stream ends with a terminal event the client's SDK understands, carrying the
+    /// reply's error code and message.
+    Reject(LocalReply),
 }
 
 /// A reply the proxy sends instead of forwarding.
@@ -105,7 +131,21 @@ pub trait Plugin: Send + Sync {
         Ok(Decision::Continue)
     }
     /// Runs on the response (at headers or at end of body, per [`Plugin::response_need`]).
+    /// A body is only handed over for JSON responses (`application/json`, `*/*+json`).
     fn on_response(&self, _ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
+        Ok(Decision::Continue)
+    }
+    /// What the plugin needs of a streamed response; `None` (the default) when it does not
+    /// look at event streams.
+    fn stream_need(&self) -> Option<StreamNeed> {
+        None
+    }
+    /// Runs on each event of a streamed response, in order, as it arrives.
+    fn on_response_event(&self, _ctx: &mut Context<'_>, _event: &mut SseEvent) -> Result<EventDecision, PluginError> {
+        Ok(EventDecision::Continue)
+    }
+    /// Runs once when a streamed response ended normally (not after a rejection).
+    fn on_stream_end(&self, _ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
         Ok(Decision::Continue)
     }
 }
@@ -118,6 +158,8 @@ pub struct Context<'a> {
     pub(crate) request_headers_changed: &'a mut bool,
     pub(crate) deadline_nanos: Option<u64>,
     pub(crate) counters: &'a [MetricId],
+    pub(crate) state: &'a mut Option<Box<dyn Any>>,
+    pub(crate) started_nanos: u64,
 }
 
 impl Context<'_> {
@@ -170,6 +212,33 @@ impl Context<'_> {
     /// Writes a string into the stream's dynamic metadata.
     pub fn set_metadata(&mut self, namespace: &str, key: &str, value: &str) {
         self.host.set_metadata(namespace, key, value);
+    }
+
+    /// Writes a number into the stream's dynamic metadata.
+    pub fn set_metadata_number(&mut self, namespace: &str, key: &str, value: f64) {
+        self.host.set_metadata_number(namespace, key, value);
+    }
+
+    /// This processor's state for this stream, created with `T::default()` on first use and
+    /// kept across the request and response callbacks (plugins themselves are shared).
+    pub fn state<T: Default + 'static>(&mut self) -> &mut T {
+        if !self.state.as_ref().is_some_and(|state| state.is::<T>()) {
+            *self.state = Some(Box::new(T::default()));
+        }
+        self.state
+            .as_mut()
+            .and_then(|state| state.downcast_mut())
+            .expect("state of type T was just ensured")
+    }
+
+    /// The host's clock, in nanoseconds.
+    pub fn now_nanos(&self) -> u64 {
+        self.host.now_nanos()
+    }
+
+    /// The host's clock when the request headers arrived.
+    pub fn stream_started_nanos(&self) -> u64 {
+        self.started_nanos
     }
 
     /// True once the processor's latency budget is used up; long-running plugins should stop early.

@@ -212,6 +212,7 @@ fn response_processors_buffer_and_fail_closed_or_open_above_the_limit() {
         );
         let chain = chain(&yaml);
         let mut host = FakeHost::request("/", &[], b"");
+        host.response_headers.push(("content-type".into(), "application/json".into()));
         host.response_body = b"0123456789".to_vec();
         let mut stream = Stream::new(chain.clone());
         assert_eq!(stream.on_request_headers(&mut host, true), HeadersFlow::Continue);
@@ -233,6 +234,7 @@ fn response_processors_buffer_and_fail_closed_or_open_above_the_limit() {
 fn response_chain_runs_at_end_of_response_body() {
     let chain = chain("processors: [{name: a, type: probe, parameters: {response: body, do: mutate}}]");
     let mut host = FakeHost::request("/", &[], b"");
+    host.response_headers.push(("content-type".into(), "application/json; charset=utf-8".into()));
     host.response_body = br#"{"id":1}"#.to_vec();
     let mut stream = Stream::new(chain);
     assert_eq!(stream.on_request_headers(&mut host, true), HeadersFlow::Continue);
@@ -241,6 +243,52 @@ fn response_chain_runs_at_end_of_response_body() {
     assert_eq!(stream.on_response_body(&mut host, true), BodyFlow::Continue);
     assert_eq!(host.response_body, br#"{"id":1,"added":1}"#);
     assert_eq!(host.route_cache_clears, 0, "response changes never touch routing");
+    assert_eq!(host.header_values(Direction::Response, "content-length"), vec!["18"]);
+    assert_eq!(
+        host.header_values(Direction::Request, "accept-encoding"),
+        vec!["identity"],
+        "a response reader asks the upstream for plain text"
+    );
+}
+
+#[test]
+fn non_json_responses_skip_body_readers_and_count_it() {
+    let chain = chain("processors: [{name: a, type: probe, parameters: {response: body, do: mutate}}]");
+    for content_type in ["text/plain", "text/event-stream", "application/octet-stream"] {
+        let mut host = FakeHost::request("/", &[], b"");
+        host.response_headers.push(("content-type".into(), content_type.into()));
+        host.response_body = b"not json".to_vec();
+        let mut stream = Stream::new(chain.clone());
+        stream.on_request_headers(&mut host, true);
+        assert_eq!(stream.on_response_headers(&mut host, false), HeadersFlow::Continue);
+        assert_eq!(stream.on_response_body(&mut host, true), BodyFlow::Continue);
+        assert_eq!(host.response_body, b"not json");
+        assert_eq!(host.counter(&chain, "processor.a.skipped_non_json"), 1, "{content_type}");
+        assert_eq!(host.counter(&chain, "processor.a.invocations"), 0);
+    }
+}
+
+#[test]
+fn compressed_responses_fail_closed_or_are_skipped_open() {
+    for (mode, expected) in [("FailClosed", Some(502)), ("FailOpen", None)] {
+        let chain = chain(&format!(
+            "processors: [{{name: a, type: probe, failureMode: {mode}, parameters: {{response: body}}}}]"
+        ));
+        let mut host = FakeHost::request("/", &[("accept-encoding", "gzip")], b"");
+        host.response_headers.push(("content-type".into(), "application/json".into()));
+        host.response_headers.push(("content-encoding".into(), "gzip".into()));
+        let mut stream = Stream::new(chain.clone());
+        stream.on_request_headers(&mut host, true);
+        assert_eq!(host.header_values(Direction::Request, "accept-encoding"), vec!["identity"]);
+        let flow = stream.on_response_headers(&mut host, false);
+        assert_eq!(host.reply.as_ref().map(|r| r.status), expected, "{mode}");
+        if expected.is_none() {
+            assert_eq!(flow, HeadersFlow::Continue);
+            assert_eq!(host.counter(&chain, "processor.a.skipped_encoded"), 1);
+        } else {
+            assert_eq!(host.reply.as_ref().unwrap().json()["error"]["code"], "response_encoded");
+        }
+    }
 }
 
 #[test]
