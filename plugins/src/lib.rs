@@ -5,6 +5,7 @@
 
 pub mod base_model_to_header;
 pub mod body_field_to_header;
+pub mod token_usage;
 
 use payload_processor_core::{BuildFn, ConfigError, Context, FieldPath, JsonError, PluginError, Registry};
 use serde_json::Value;
@@ -18,6 +19,7 @@ pub fn register_builtins(registry: &mut Registry) {
     };
     register(body_field_to_header::TYPE_NAME, body_field_to_header::build);
     register(base_model_to_header::TYPE_NAME, base_model_to_header::build);
+    register(token_usage::TYPE_NAME, token_usage::build);
 }
 
 /// A registry holding the built-in plugin types.

@@ -33,14 +33,14 @@
 
 pub mod config;
 mod engine;
-mod event_stream;
 pub mod error;
+mod event_stream;
 pub mod host;
 pub mod json;
-pub mod sse;
 mod matcher;
 mod plugin;
 mod registry;
+pub mod sse;
 pub mod testing;
 
 pub use config::{FailureMode, FilterConfig, Limits};
@@ -49,5 +49,5 @@ pub use error::ConfigError;
 pub use host::{Direction, Host, MetricId};
 pub use json::{Body, FieldPath, JsonError};
 pub use plugin::{Context, Counter, Decision, EventDecision, LocalReply, PhaseNeed, Plugin, PluginError, StreamNeed};
-pub use sse::SseEvent;
 pub use registry::{BuildContext, BuildFn, PluginFactory, Registry, RegistryError};
+pub use sse::SseEvent;

@@ -212,7 +212,8 @@ fn response_processors_buffer_and_fail_closed_or_open_above_the_limit() {
         );
         let chain = chain(&yaml);
         let mut host = FakeHost::request("/", &[], b"");
-        host.response_headers.push(("content-type".into(), "application/json".into()));
+        host.response_headers
+            .push(("content-type".into(), "application/json".into()));
         host.response_body = b"0123456789".to_vec();
         let mut stream = Stream::new(chain.clone());
         assert_eq!(stream.on_request_headers(&mut host, true), HeadersFlow::Continue);
@@ -234,7 +235,8 @@ fn response_processors_buffer_and_fail_closed_or_open_above_the_limit() {
 fn response_chain_runs_at_end_of_response_body() {
     let chain = chain("processors: [{name: a, type: probe, parameters: {response: body, do: mutate}}]");
     let mut host = FakeHost::request("/", &[], b"");
-    host.response_headers.push(("content-type".into(), "application/json; charset=utf-8".into()));
+    host.response_headers
+        .push(("content-type".into(), "application/json; charset=utf-8".into()));
     host.response_body = br#"{"id":1}"#.to_vec();
     let mut stream = Stream::new(chain);
     assert_eq!(stream.on_request_headers(&mut host, true), HeadersFlow::Continue);
@@ -263,7 +265,11 @@ fn non_json_responses_skip_body_readers_and_count_it() {
         assert_eq!(stream.on_response_headers(&mut host, false), HeadersFlow::Continue);
         assert_eq!(stream.on_response_body(&mut host, true), BodyFlow::Continue);
         assert_eq!(host.response_body, b"not json");
-        assert_eq!(host.counter(&chain, "processor.a.skipped_non_json"), 1, "{content_type}");
+        assert_eq!(
+            host.counter(&chain, "processor.a.skipped_non_json"),
+            1,
+            "{content_type}"
+        );
         assert_eq!(host.counter(&chain, "processor.a.invocations"), 0);
     }
 }
@@ -275,11 +281,15 @@ fn compressed_responses_fail_closed_or_are_skipped_open() {
             "processors: [{{name: a, type: probe, failureMode: {mode}, parameters: {{response: body}}}}]"
         ));
         let mut host = FakeHost::request("/", &[("accept-encoding", "gzip")], b"");
-        host.response_headers.push(("content-type".into(), "application/json".into()));
+        host.response_headers
+            .push(("content-type".into(), "application/json".into()));
         host.response_headers.push(("content-encoding".into(), "gzip".into()));
         let mut stream = Stream::new(chain.clone());
         stream.on_request_headers(&mut host, true);
-        assert_eq!(host.header_values(Direction::Request, "accept-encoding"), vec!["identity"]);
+        assert_eq!(
+            host.header_values(Direction::Request, "accept-encoding"),
+            vec!["identity"]
+        );
         let flow = stream.on_response_headers(&mut host, false);
         assert_eq!(host.reply.as_ref().map(|r| r.status), expected, "{mode}");
         if expected.is_none() {

@@ -42,7 +42,9 @@ impl Plugin for Watch {
         seen.events += 1;
         seen.text.push_str(&data);
         if self.word.as_ref().is_some_and(|w| seen.text.contains(w.as_str())) {
-            return Ok(EventDecision::Reject(LocalReply::json_error(403, "blocked", "found it")));
+            return Ok(EventDecision::Reject(LocalReply::json_error(
+                403, "blocked", "found it",
+            )));
         }
         if self.fail_on.as_ref().is_some_and(|w| data.contains(w.as_str())) {
             return Err(PluginError::internal("broken", "plugin failed"));
@@ -155,7 +157,10 @@ fn every_split_gives_the_client_the_same_bytes_and_plugins_the_same_events() {
         assert_eq!(run.headers, HeadersFlow::WaitForBody);
         assert_eq!(run.client, bytes, "split at {split}");
         assert_eq!(
-            run.host.metadata.get(&("test".into(), "events".into())).map(String::as_str),
+            run.host
+                .metadata
+                .get(&("test".into(), "events".into()))
+                .map(String::as_str),
             Some("4"),
             "split at {split}"
         );
@@ -174,7 +179,10 @@ fn with_no_window_each_event_goes_out_as_soon_as_it_is_complete() {
         "text/event-stream",
         &[b"data: a\n\ndata: b", b"\n\n", b"data: [DONE]\n\n"],
     );
-    assert_eq!(run.flows, vec![BodyFlow::Continue, BodyFlow::Continue, BodyFlow::Continue]);
+    assert_eq!(
+        run.flows,
+        vec![BodyFlow::Continue, BodyFlow::Continue, BodyFlow::Continue]
+    );
     assert_eq!(run.client, b"data: a\n\ndata: b\n\ndata: [DONE]\n\n");
 }
 
@@ -223,15 +231,28 @@ fn a_rejection_after_the_first_byte_ends_an_openai_stream_with_content_filter() 
     let texts: Vec<String> = got
         .iter_mut()
         .filter(|e| !e.is_done_marker())
-        .map(|e| e.json().unwrap()["choices"][0]["delta"]["content"].as_str().unwrap_or("").to_string())
+        .map(|e| {
+            e.json().unwrap()["choices"][0]["delta"]["content"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
         .collect();
-    assert_eq!(texts, vec!["Hel", "lo w\u{f6}rld", ""], "the blocked event never reaches the client");
+    assert_eq!(
+        texts,
+        vec!["Hel", "lo w\u{f6}rld", ""],
+        "the blocked event never reaches the client"
+    );
     let at = got.len() - 2;
     let last_chunk = got[at].json().unwrap().clone();
     assert_eq!(last_chunk["choices"][0]["finish_reason"], "content_filter");
     assert_eq!(last_chunk["id"], "c1");
     assert!(got.last().unwrap().is_done_marker());
-    assert_eq!(run.flows.last(), Some(&BodyFlow::Continue), "the rest is swallowed, the stream ends");
+    assert_eq!(
+        run.flows.last(),
+        Some(&BodyFlow::Continue),
+        "the rest is swallowed, the stream ends"
+    );
 }
 
 #[test]
@@ -247,7 +268,12 @@ fn a_window_keeps_a_phrase_split_over_events_from_the_client() {
     let texts: Vec<String> = got
         .iter_mut()
         .filter(|e| !e.is_done_marker())
-        .map(|e| e.json().unwrap()["choices"][0]["delta"]["content"].as_str().unwrap_or("").to_string())
+        .map(|e| {
+            e.json().unwrap()["choices"][0]["delta"]["content"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
         .collect();
     // "lo wörld" (the start of the phrase) was held back and discarded.
     assert_eq!(texts, vec!["Hel", ""]);
@@ -325,7 +351,12 @@ fn an_oversized_event_fails_closed_or_passes_through_open() {
         &chunks,
     );
     let mut got = events(&closed.client);
-    assert_eq!(got[0].data(), Some("small"), "{:?}", String::from_utf8_lossy(&closed.client));
+    assert_eq!(
+        got[0].data(),
+        Some("small"),
+        "{:?}",
+        String::from_utf8_lossy(&closed.client)
+    );
     assert_eq!(got[1].json().unwrap()["error"]["code"], "response_event_too_large");
 }
 

@@ -118,6 +118,12 @@ extern "C" {
         key: ModuleBuffer,
         value: ModuleBuffer,
     );
+    fn envoy_dynamic_module_callback_http_set_dynamic_metadata_number(
+        filter: *mut c_void,
+        namespace: ModuleBuffer,
+        key: ModuleBuffer,
+        value: f64,
+    );
     fn envoy_dynamic_module_callback_http_filter_config_define_counter(
         config: *mut c_void,
         name: ModuleBuffer,
@@ -343,6 +349,17 @@ impl FilterHandle {
                 ModuleBuffer::of(namespace.as_bytes()),
                 ModuleBuffer::of(key.as_bytes()),
                 ModuleBuffer::of(value.as_bytes()),
+            )
+        };
+    }
+
+    pub(crate) fn set_metadata_number(&self, namespace: &str, key: &str, value: f64) {
+        unsafe {
+            envoy_dynamic_module_callback_http_set_dynamic_metadata_number(
+                self.0,
+                ModuleBuffer::of(namespace.as_bytes()),
+                ModuleBuffer::of(key.as_bytes()),
+                value,
             )
         };
     }

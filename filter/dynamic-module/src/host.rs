@@ -95,6 +95,10 @@ impl Host for EnvoyHost<'_> {
         self.filter.set_metadata(namespace, key, value);
     }
 
+    fn set_metadata_number(&mut self, namespace: &str, key: &str, value: f64) {
+        self.filter.set_metadata_number(namespace, key, value);
+    }
+
     fn send_local_reply(&mut self, status: u16, headers: &[(String, String)], body: &[u8], details: &str) {
         self.filter.send_response(status, headers, body, details);
     }

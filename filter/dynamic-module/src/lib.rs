@@ -87,14 +87,14 @@ fn body_status(flow: BodyFlow) -> i32 {
     match flow {
         BodyFlow::Continue => 0,
         BodyFlow::Buffer => 1,
-        BodyFlow::Stop => 3,
+        BodyFlow::Hold | BodyFlow::Stop => 3,
     }
 }
 
 fn trailers_status(flow: BodyFlow) -> i32 {
     match flow {
         BodyFlow::Continue => 0,
-        BodyFlow::Buffer | BodyFlow::Stop => 1,
+        BodyFlow::Buffer | BodyFlow::Hold | BodyFlow::Stop => 1,
     }
 }
 

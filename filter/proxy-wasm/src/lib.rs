@@ -138,11 +138,12 @@ fn headers_action(flow: HeadersFlow) -> Action {
     }
 }
 
-// Pausing in a body callback buffers the data; after a local reply the stream is over.
+// Pausing in a body callback buffers the data; after a local reply the stream is over. For
+// `Hold` the engine already emptied the chunk, so what Envoy buffers is nothing.
 fn body_action(flow: BodyFlow) -> Action {
     match flow {
         BodyFlow::Continue => Action::Continue,
-        BodyFlow::Buffer | BodyFlow::Stop => Action::Pause,
+        BodyFlow::Buffer | BodyFlow::Hold | BodyFlow::Stop => Action::Pause,
     }
 }
 

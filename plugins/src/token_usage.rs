@@ -1,0 +1,637 @@
+//! `token-usage`: reads token usage from OpenAI (chat completions, completions, responses API)
+//! and Anthropic (messages) responses, buffered or streamed, and records it in Envoy dynamic
+//! metadata, so rate limits and access logs can use it, with no ext_proc hop.
+//!
+//! ```yaml
+//! - name: usage
+//!   type: token-usage
+//!   failureMode: FailOpen
+//!   parameters:
+//!     metadataNamespace: io.envoy.ai_gateway   # default
+//!     forceIncludeUsage: true                  # default false
+//!     responseHeaders: x-usage-                # optional prefix, buffered responses only
+//! ```
+//!
+//! Metadata keys (numbers unless noted): `input_tokens`, `output_tokens`, `total_tokens`,
+//! `cached_input_tokens` (when reported), `model` (string: the model the response reports);
+//! for streams also `ttft_ms` (request start to the first content event) and `itl_ms` (mean
+//! time between output tokens after the first). Anthropic counts cache reads and writes apart
+//! from `input_tokens`; they are added in, so `input_tokens` means every prompt token for
+//! both providers, and `cached_input_tokens` is `cache_read_input_tokens`.
+//!
+//! With `forceIncludeUsage`, a streamed OpenAI chat or completions request gets
+//! `stream_options.include_usage: true`, and when the client had not asked for it the extra
+//! usage-only chunk is removed from the stream (a usage field on a chunk with choices is
+//! removed instead), so the client sees the stream it asked for.
+//!
+//! The plugin never blocks traffic: a body or event it cannot read is counted
+//! (`unreadable`) and skipped. With `responseHeaders`, buffered responses carry
+//! `<prefix>input-tokens`, `<prefix>output-tokens`, `<prefix>total-tokens` and
+//! `<prefix>cached-input-tokens`; a streamed response's headers are gone before its usage
+//! arrives, so streams record metadata only.
+
+use crate::body_field_to_header::validate_header_name;
+use payload_processor_core::{
+    BuildContext, ConfigError, Context, Counter, Decision, EventDecision, FieldPath, PhaseNeed, Plugin, PluginError,
+    SseEvent, StreamNeed,
+};
+use serde::Deserialize;
+use serde_json::Value;
+use std::sync::Arc;
+
+/// Registry key.
+pub const TYPE_NAME: &str = "token-usage";
+
+/// Parameters.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// Dynamic metadata namespace.
+    #[serde(default = "default_namespace")]
+    pub metadata_namespace: String,
+    /// Ask OpenAI-style upstreams for usage on streams even when the client did not.
+    #[serde(default)]
+    pub force_include_usage: bool,
+    /// Prefix of usage response headers on buffered responses (`x-usage-`).
+    #[serde(default)]
+    pub response_headers: Option<String>,
+}
+
+fn default_namespace() -> String {
+    "io.envoy.ai_gateway".into()
+}
+
+/// Token counts as a response reports them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// Every prompt token, cached ones included.
+    pub input: Option<u64>,
+    /// Generated tokens.
+    pub output: Option<u64>,
+    /// Input plus output (as reported, else computed).
+    pub total: Option<u64>,
+    /// Prompt tokens served from a cache.
+    pub cached_input: Option<u64>,
+}
+
+impl Usage {
+    /// Reads a `usage` object of any supported provider.
+    pub fn from_value(usage: &Value) -> Option<Usage> {
+        let usage = usage.as_object()?;
+        let number = |key: &str| usage.get(key).and_then(Value::as_u64);
+        let nested = |outer: &str, key: &str| usage.get(outer).and_then(|o| o.get(key)).and_then(Value::as_u64);
+        let parsed = if usage.contains_key("prompt_tokens") || usage.contains_key("completion_tokens") {
+            // OpenAI chat completions and completions.
+            Usage {
+                input: number("prompt_tokens"),
+                output: number("completion_tokens"),
+                total: number("total_tokens"),
+                cached_input: nested("prompt_tokens_details", "cached_tokens"),
+            }
+        } else if usage.contains_key("total_tokens") || usage.contains_key("input_tokens_details") {
+            // OpenAI responses API.
+            Usage {
+                input: number("input_tokens"),
+                output: number("output_tokens"),
+                total: number("total_tokens"),
+                cached_input: nested("input_tokens_details", "cached_tokens"),
+            }
+        } else {
+            // Anthropic: cache reads and writes are counted apart from input_tokens.
+            let cache_read = number("cache_read_input_tokens");
+            let cache_write = number("cache_creation_input_tokens");
+            let input = match (number("input_tokens"), cache_read, cache_write) {
+                (None, None, None) => None,
+                (a, b, c) => Some(a.unwrap_or(0) + b.unwrap_or(0) + c.unwrap_or(0)),
+            };
+            Usage {
+                input,
+                output: number("output_tokens"),
+                total: None,
+                cached_input: cache_read,
+            }
+        };
+        (parsed != Usage::default()).then_some(parsed)
+    }
+
+    /// Later reports win field by field (Anthropic splits usage over two events).
+    fn merge(&mut self, later: Usage) {
+        self.input = later.input.or(self.input);
+        self.output = later.output.or(self.output);
+        self.total = later.total.or(self.total);
+        self.cached_input = later.cached_input.or(self.cached_input);
+    }
+
+    fn total(&self) -> Option<u64> {
+        self.total.or_else(|| Some(self.input? + self.output?))
+    }
+}
+
+/// Per-stream state.
+#[derive(Debug, Default)]
+struct StreamState {
+    /// The request was changed to ask for usage the client did not ask for.
+    strip_usage_chunk: bool,
+    usage: Usage,
+    model: Option<String>,
+    first_content_nanos: Option<u64>,
+    last_content_nanos: u64,
+    content_events: u64,
+}
+
+/// The plugin.
+#[derive(Debug)]
+pub struct TokenUsage {
+    namespace: String,
+    force_include_usage: bool,
+    header_prefix: Option<String>,
+    recorded: Counter,
+    missing: Counter,
+    unreadable: Counter,
+    forced: Counter,
+    stripped: Counter,
+}
+
+/// Factory.
+pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugin>, ConfigError> {
+    let config: Config = ctx.parameters(parameters)?;
+    if config.metadata_namespace.trim().is_empty() {
+        return Err(ConfigError::new("metadataNamespace", "must not be empty"));
+    }
+    if let Some(prefix) = &config.response_headers {
+        validate_header_name(prefix, "responseHeaders")?;
+    }
+    Ok(Arc::new(TokenUsage {
+        namespace: config.metadata_namespace,
+        force_include_usage: config.force_include_usage,
+        header_prefix: config.response_headers.map(|p| p.to_ascii_lowercase()),
+        recorded: ctx.counter("usage_recorded"),
+        missing: ctx.counter("usage_missing"),
+        unreadable: ctx.counter("unreadable"),
+        forced: ctx.counter("include_usage_forced"),
+        stripped: ctx.counter("usage_chunk_stripped"),
+    }))
+}
+
+fn is_openai_streaming_path(path: &str) -> bool {
+    let path = path.split('?').next().unwrap_or_default().trim_end_matches('/');
+    path.ends_with("/chat/completions") || path.ends_with("/completions")
+}
+
+/// Does this streamed event carry generated output (the clock for TTFT and ITL)?
+fn is_content_event(event: &mut SseEvent) -> bool {
+    match event.event_type() {
+        Some("content_block_delta") => return true,
+        Some(kind) if kind.starts_with("response.") => return kind.ends_with(".delta"),
+        Some(_) => return false,
+        None => {}
+    }
+    if event.is_done_marker() {
+        return false;
+    }
+    let Ok(chunk) = event.json() else { return false };
+    let Some(choices) = chunk.get("choices").and_then(Value::as_array) else {
+        return false;
+    };
+    choices.iter().any(|choice| {
+        let text = choice
+            .get("text")
+            .and_then(Value::as_str)
+            .is_some_and(|t| !t.is_empty());
+        let delta = choice.get("delta").and_then(Value::as_object).is_some_and(|delta| {
+            ["content", "tool_calls", "reasoning_content", "refusal", "function_call"]
+                .iter()
+                .any(|key| match delta.get(*key) {
+                    None | Some(Value::Null) => false,
+                    Some(Value::String(s)) => !s.is_empty(),
+                    Some(_) => true,
+                })
+        });
+        text || delta
+    })
+}
+
+/// Usage and model carried by one streamed event, for every supported shape.
+fn event_usage(data: &Value) -> (Option<Usage>, Option<String>) {
+    let model = |v: &Value| v.get("model").and_then(Value::as_str).map(str::to_string);
+    match data.get("type").and_then(Value::as_str) {
+        // Anthropic: usage in message_start.message and in message_delta.
+        Some("message_start") => {
+            let message = data.get("message").unwrap_or(&Value::Null);
+            (message.get("usage").and_then(Usage::from_value), model(message))
+        }
+        // OpenAI responses API: the final response object.
+        Some(kind) if kind.starts_with("response.") => {
+            let response = data.get("response").unwrap_or(&Value::Null);
+            (response.get("usage").and_then(Usage::from_value), model(response))
+        }
+        _ => (data.get("usage").and_then(Usage::from_value), model(data)),
+    }
+}
+
+impl TokenUsage {
+    fn write_usage(&self, ctx: &mut Context<'_>, usage: &Usage) {
+        let fields = [
+            ("input_tokens", usage.input),
+            ("output_tokens", usage.output),
+            ("total_tokens", usage.total()),
+            ("cached_input_tokens", usage.cached_input),
+        ];
+        for (key, value) in fields {
+            if let Some(value) = value {
+                ctx.set_metadata_number(&self.namespace, key, value as f64);
+            }
+        }
+    }
+
+    fn write_model(&self, ctx: &mut Context<'_>, model: &str) {
+        ctx.set_metadata(&self.namespace, "model", model);
+    }
+}
+
+impl Plugin for TokenUsage {
+    fn request_need(&self) -> PhaseNeed {
+        if self.force_include_usage {
+            PhaseNeed::Body
+        } else {
+            PhaseNeed::Skip
+        }
+    }
+
+    fn response_need(&self) -> PhaseNeed {
+        PhaseNeed::Body
+    }
+
+    fn stream_need(&self) -> Option<StreamNeed> {
+        Some(StreamNeed::default())
+    }
+
+    fn on_request(&self, ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
+        let path = ctx.request_header(":path").unwrap_or_default();
+        if !is_openai_streaming_path(&path) {
+            return Ok(Decision::Continue);
+        }
+        let stream = FieldPath::Members(vec!["stream".into()]);
+        let asked = match (ctx.body().get(&stream), ctx.body().get(&include_path())) {
+            (Ok(stream), Ok(include)) => (stream == Some(Value::Bool(true))).then_some(include),
+            _ => {
+                ctx.increment(self.unreadable);
+                return Ok(Decision::Continue);
+            }
+        };
+        let Some(include) = asked else {
+            return Ok(Decision::Continue); // not a streamed request
+        };
+        if include != Some(Value::Bool(true)) {
+            if ctx.body().set(&include_path(), Value::Bool(true)).is_err() {
+                ctx.increment(self.unreadable); // stream_options is not an object
+                return Ok(Decision::Continue);
+            }
+            ctx.state::<StreamState>().strip_usage_chunk = true;
+            ctx.increment(self.forced);
+        }
+        Ok(Decision::Continue)
+    }
+
+    fn on_response(&self, ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
+        if ctx.body().is_blank() {
+            return Ok(Decision::Continue);
+        }
+        let (usage, model) = match ctx.body().doc() {
+            Ok(doc) => (
+                doc.get("usage").and_then(Usage::from_value),
+                doc.get("model").and_then(Value::as_str).map(str::to_string),
+            ),
+            Err(_) => {
+                ctx.increment(self.unreadable);
+                return Ok(Decision::Continue);
+            }
+        };
+        if let Some(model) = &model {
+            self.write_model(ctx, model);
+        }
+        let Some(usage) = usage else {
+            ctx.increment(self.missing);
+            return Ok(Decision::Continue);
+        };
+        self.write_usage(ctx, &usage);
+        ctx.increment(self.recorded);
+        if let Some(prefix) = &self.header_prefix {
+            let headers = [
+                ("input-tokens", usage.input),
+                ("output-tokens", usage.output),
+                ("total-tokens", usage.total()),
+                ("cached-input-tokens", usage.cached_input),
+            ];
+            for (name, value) in headers {
+                if let Some(value) = value {
+                    ctx.set_header(&format!("{prefix}{name}"), &value.to_string())?;
+                }
+            }
+        }
+        Ok(Decision::Continue)
+    }
+
+    fn on_response_event(&self, ctx: &mut Context<'_>, event: &mut SseEvent) -> Result<EventDecision, PluginError> {
+        let now = ctx.now_nanos();
+        if is_content_event(event) {
+            let started = ctx.stream_started_nanos();
+            let state = ctx.state::<StreamState>();
+            state.content_events += 1;
+            state.last_content_nanos = now;
+            if state.first_content_nanos.is_none() {
+                state.first_content_nanos = Some(now);
+                let ttft_ms = now.saturating_sub(started) as f64 / 1e6;
+                ctx.set_metadata_number(&self.namespace, "ttft_ms", ttft_ms);
+            }
+        }
+        if event.is_done_marker() || !event.data().is_some_and(|d| d.trim_start().starts_with('{')) {
+            return Ok(EventDecision::Continue);
+        }
+        let (usage, model) = match event.json() {
+            Ok(data) => event_usage(data),
+            Err(_) => {
+                ctx.increment(self.unreadable);
+                return Ok(EventDecision::Continue);
+            }
+        };
+        let state = ctx.state::<StreamState>();
+        let new_model = model.filter(|m| state.model.as_deref() != Some(m.as_str()));
+        if let Some(model) = &new_model {
+            state.model = Some(model.clone());
+        }
+        let strip = usage.is_some() && state.strip_usage_chunk;
+        if let Some(usage) = usage {
+            state.usage.merge(usage);
+        }
+        let merged = state.usage;
+        if let Some(model) = new_model {
+            self.write_model(ctx, &model);
+        }
+        if usage.is_none() {
+            return Ok(EventDecision::Continue);
+        }
+        self.write_usage(ctx, &merged);
+        if !strip {
+            return Ok(EventDecision::Continue);
+        }
+        // The client did not ask for usage: hide what forceIncludeUsage added.
+        ctx.increment(self.stripped);
+        let chunk = event
+            .json_mut()
+            .map_err(|err| PluginError::internal("unreadable", err.to_string()))?;
+        let has_choices = chunk
+            .get("choices")
+            .and_then(Value::as_array)
+            .is_some_and(|c| !c.is_empty());
+        if !has_choices {
+            return Ok(EventDecision::Drop);
+        }
+        if let Some(object) = chunk.as_object_mut() {
+            object.shift_remove("usage");
+        }
+        Ok(EventDecision::Continue)
+    }
+
+    fn on_stream_end(&self, ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
+        let state = ctx.state::<StreamState>();
+        let usage = state.usage;
+        let timing = state.first_content_nanos.map(|first| (first, state.last_content_nanos));
+        let content_events = state.content_events;
+        if usage == Usage::default() {
+            ctx.increment(self.missing);
+        } else {
+            ctx.increment(self.recorded);
+        }
+        if let Some((first, last)) = timing {
+            // Mean gap between output tokens after the first; chunks stand in for tokens when
+            // the upstream reported no usage.
+            let intervals = usage.output.unwrap_or(content_events).saturating_sub(1);
+            if intervals > 0 {
+                let itl_ms = last.saturating_sub(first) as f64 / 1e6 / intervals as f64;
+                ctx.set_metadata_number(&self.namespace, "itl_ms", itl_ms);
+            }
+        }
+        Ok(Decision::Continue)
+    }
+}
+
+fn include_path() -> FieldPath {
+    FieldPath::Members(vec!["stream_options".into(), "include_usage".into()])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use payload_processor_core::testing::FakeHost;
+    use payload_processor_core::{BodyFlow, Chain, Direction, HeadersFlow, Stream};
+    use serde_json::json;
+
+    fn chain(parameters: &str) -> Arc<Chain> {
+        let yaml = format!("processors: [{{name: usage, type: token-usage, parameters: {parameters}}}]");
+        Arc::new(Chain::load(&yaml, &crate::builtin_registry()).unwrap())
+    }
+
+    fn metadata(host: &FakeHost, key: &str) -> Option<String> {
+        host.metadata
+            .get(&("io.envoy.ai_gateway".to_string(), key.to_string()))
+            .cloned()
+    }
+
+    fn buffered(chain: &Arc<Chain>, path: &str, body: Value) -> FakeHost {
+        let mut host = FakeHost::request(path, &[], b"{}");
+        let mut stream = Stream::new(chain.clone());
+        stream.on_request_headers(&mut host, true);
+        host.response_headers
+            .push(("content-type".into(), "application/json".into()));
+        host.response_body = serde_json::to_vec(&body).unwrap();
+        assert_eq!(stream.on_response_headers(&mut host, false), HeadersFlow::WaitForBody);
+        assert_eq!(stream.on_response_body(&mut host, true), BodyFlow::Continue);
+        host
+    }
+
+    #[test]
+    fn reads_every_buffered_shape() {
+        let chain = chain("{responseHeaders: x-usage-}");
+        let cases = [
+            (
+                "/v1/chat/completions",
+                json!({"model": "gpt", "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15,
+                        "prompt_tokens_details": {"cached_tokens": 4}}}),
+                ["10", "5", "15", "4"],
+            ),
+            (
+                "/v1/completions",
+                json!({"model": "gpt", "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}),
+                ["3", "2", "5", ""],
+            ),
+            (
+                "/v1/responses",
+                json!({"model": "gpt", "usage": {"input_tokens": 7, "output_tokens": 8, "total_tokens": 15,
+                        "input_tokens_details": {"cached_tokens": 1}}}),
+                ["7", "8", "15", "1"],
+            ),
+            (
+                "/v1/messages",
+                json!({"model": "claude", "usage": {"input_tokens": 20, "output_tokens": 9,
+                        "cache_read_input_tokens": 100, "cache_creation_input_tokens": 5}}),
+                ["125", "9", "134", "100"],
+            ),
+        ];
+        for (path, body, [input, output, total, cached]) in cases {
+            let host = buffered(&chain, path, body.clone());
+            let got = |key| metadata(&host, key).unwrap_or_default();
+            assert_eq!(
+                [
+                    got("input_tokens"),
+                    got("output_tokens"),
+                    got("total_tokens"),
+                    got("cached_input_tokens")
+                ],
+                [input, output, total, cached],
+                "{path}"
+            );
+            assert_eq!(metadata(&host, "model"), body["model"].as_str().map(str::to_string));
+            assert_eq!(
+                host.header_values(Direction::Response, "x-usage-total-tokens"),
+                vec![total]
+            );
+            assert_eq!(host.body_replacements, 0, "the body is forwarded unchanged");
+        }
+    }
+
+    #[test]
+    fn unreadable_and_usage_free_bodies_never_block() {
+        let chain = chain("{}");
+        let host = buffered(&chain, "/v1/chat/completions", json!({"error": {"message": "x"}}));
+        assert!(host.reply.is_none());
+        assert_eq!(host.counter(&chain, "processor.usage.usage_missing"), 1);
+
+        let mut host = FakeHost::request("/v1/chat/completions", &[], b"{}");
+        let mut stream = Stream::new(chain.clone());
+        stream.on_request_headers(&mut host, true);
+        host.response_headers
+            .push(("content-type".into(), "application/json".into()));
+        host.response_body = b"{not json".to_vec();
+        stream.on_response_headers(&mut host, false);
+        assert_eq!(stream.on_response_body(&mut host, true), BodyFlow::Continue);
+        assert!(host.reply.is_none());
+        assert_eq!(host.counter(&chain, "processor.usage.unreadable"), 1);
+    }
+
+    fn streamed(chain: &Arc<Chain>, path: &str, request: Value, events: &[String]) -> (FakeHost, Vec<u8>) {
+        let body = serde_json::to_vec(&request).unwrap();
+        let mut host = FakeHost::request(path, &[], &body);
+        let mut stream = Stream::new(chain.clone());
+        if stream.on_request_headers(&mut host, false) == HeadersFlow::WaitForBody {
+            stream.on_request_body(&mut host, true);
+        }
+        host.response_headers
+            .push(("content-type".into(), "text/event-stream".into()));
+        assert_eq!(stream.on_response_headers(&mut host, false), HeadersFlow::WaitForBody);
+        let mut client = Vec::new();
+        for (i, event) in events.iter().enumerate() {
+            host.response_body = event.as_bytes().to_vec();
+            host.now.set(host.now.get() + 10_000_000); // 10 ms between events
+            if stream.on_response_body(&mut host, i + 1 == events.len()) == BodyFlow::Continue {
+                client.extend_from_slice(&host.response_body);
+            }
+        }
+        (host, client)
+    }
+
+    fn chat_chunk(content: Option<&str>, usage: Option<Value>) -> String {
+        let choices = match content {
+            Some(text) => json!([{"index": 0, "delta": {"content": text}, "finish_reason": null}]),
+            None => json!([]),
+        };
+        let mut chunk = json!({"id": "c", "object": "chat.completion.chunk", "model": "gpt-x", "choices": choices});
+        if let Some(usage) = usage {
+            chunk["usage"] = usage;
+        }
+        format!("data: {chunk}\n\n")
+    }
+
+    #[test]
+    fn force_include_usage_asks_for_usage_and_hides_the_extra_chunk() {
+        let chain = chain("{forceIncludeUsage: true}");
+        let usage = json!({"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7});
+        let events = [
+            chat_chunk(Some("a"), None),
+            chat_chunk(Some("b"), None),
+            chat_chunk(Some("c"), None),
+            chat_chunk(None, Some(usage)),
+            "data: [DONE]\n\n".to_string(),
+        ];
+        let request = json!({"model": "m", "stream": true, "messages": []});
+        let (host, client) = streamed(&chain, "/v1/chat/completions", request, &events);
+        let sent: Value = serde_json::from_slice(&host.request_body).unwrap();
+        assert_eq!(sent["stream_options"]["include_usage"], true);
+        let client = String::from_utf8(client).unwrap();
+        assert!(!client.contains("prompt_tokens"), "usage chunk stripped: {client}");
+        assert!(client.ends_with("data: [DONE]\n\n"));
+        assert_eq!(metadata(&host, "total_tokens").as_deref(), Some("7"));
+        assert_eq!(metadata(&host, "model").as_deref(), Some("gpt-x"));
+        assert!(metadata(&host, "ttft_ms").is_some());
+        // Three tokens 10 ms apart: two intervals of 10 ms.
+        let itl: f64 = metadata(&host, "itl_ms").unwrap().parse().unwrap();
+        assert!((itl - 10.0).abs() < 0.5, "itl {itl}");
+
+        // A client that asked for usage keeps its usage chunk.
+        let request = json!({"model": "m", "stream": true, "stream_options": {"include_usage": true}});
+        let (host, client) = streamed(&chain, "/v1/chat/completions", request, &events);
+        assert!(String::from_utf8(client).unwrap().contains("prompt_tokens"));
+        assert_eq!(host.counter(&chain, "processor.usage.include_usage_forced"), 0);
+    }
+
+    #[test]
+    fn anthropic_usage_is_merged_from_message_start_and_message_delta() {
+        let chain = chain("{}");
+        let events = [
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"model\":\"claude-x\",\"usage\":{\"input_tokens\":12,\"cache_read_input_tokens\":3,\"output_tokens\":1}}}\n\n".to_string(),
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hi\"}}\n\n".to_string(),
+            "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":6}}\n\n".to_string(),
+            "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n".to_string(),
+        ];
+        let (host, client) = streamed(&chain, "/v1/messages", json!({}), &events);
+        assert_eq!(
+            client,
+            events.concat().as_bytes(),
+            "an unchanged stream is byte-for-byte"
+        );
+        assert_eq!(metadata(&host, "input_tokens").as_deref(), Some("15"));
+        assert_eq!(metadata(&host, "output_tokens").as_deref(), Some("6"));
+        assert_eq!(metadata(&host, "total_tokens").as_deref(), Some("21"));
+        assert_eq!(metadata(&host, "cached_input_tokens").as_deref(), Some("3"));
+        assert_eq!(metadata(&host, "model").as_deref(), Some("claude-x"));
+    }
+
+    #[test]
+    fn responses_api_usage_comes_from_response_completed() {
+        let chain = chain("{}");
+        let events = [
+            "event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hi\"}\n\n".to_string(),
+            "event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"model\":\"o-x\",\"usage\":{\"input_tokens\":5,\"output_tokens\":2,\"total_tokens\":7}}}\n\n".to_string(),
+        ];
+        let (host, _) = streamed(&chain, "/v1/responses", json!({}), &events);
+        assert_eq!(metadata(&host, "total_tokens").as_deref(), Some("7"));
+        assert_eq!(metadata(&host, "model").as_deref(), Some("o-x"));
+    }
+
+    #[test]
+    fn bad_parameters_are_refused_with_paths() {
+        let registry = crate::builtin_registry();
+        for (parameters, expected) in [
+            (
+                "{metadataNamespace: ''}",
+                "processors[0].parameters.metadataNamespace: must not be empty",
+            ),
+            ("{responseHeaders: 'x y'}", "processors[0].parameters.responseHeaders:"),
+            ("{forceIncludeUsage: 3}", "processors[0].parameters.forceIncludeUsage:"),
+        ] {
+            let yaml = format!("processors: [{{name: u, type: token-usage, parameters: {parameters}}}]");
+            let err = Chain::load(&yaml, &registry).unwrap_err().to_string();
+            assert!(err.starts_with(expected), "{err}");
+        }
+    }
+}
