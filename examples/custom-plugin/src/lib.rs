@@ -1,14 +1,17 @@
-//! An example third-party filter: every built-in plugin plus two of our own, `fault-injector`
-//! and `stamp-request`, built into `libcustom_payload_processor.so` (native) and
-//! `custom_payload_processor.wasm` (wasm32-wasip1) from the same code.
+//! An example third-party filter: every built-in plugin plus four of our own, built into
+//! `libcustom_payload_processor.so` (native) and `custom_payload_processor.wasm`
+//! (wasm32-wasip1) from the same code.
 //!
 //! The end-to-end tests use it: `fault-injector` fails, panics or overruns its budget when a
 //! request header asks it to, proving FailClosed/FailOpen through Envoy; `stamp-request`
-//! changes the JSON body, proving re-serialization and content-length.
+//! and `stamp-response` change JSON bodies, proving re-serialization and content-length;
+//! `word-guard` blocks buffered and streamed responses, proving protocol-correct rejections.
 #![deny(unsafe_code)]
 
 mod fault_injector;
 mod stamp_request;
+mod stamp_response;
+mod word_guard;
 
 use payload_processor_core::Registry;
 
@@ -20,6 +23,12 @@ pub fn registry() -> Registry {
         .expect("unique type name");
     registry
         .register(stamp_request::TYPE_NAME, stamp_request::build)
+        .expect("unique type name");
+    registry
+        .register(stamp_response::TYPE_NAME, stamp_response::build)
+        .expect("unique type name");
+    registry
+        .register(word_guard::TYPE_NAME, word_guard::build)
         .expect("unique type name");
     registry
 }
@@ -40,6 +49,9 @@ mod tests {
             "base-model-to-header",
             "fault-injector",
             "stamp-request",
+            "stamp-response",
+            "word-guard",
+            "token-usage",
         ] {
             assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
         }
