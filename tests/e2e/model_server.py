@@ -2,7 +2,7 @@
 and Anthropic (messages) wire formats, buffered JSON or streamed SSE. Listens on 127.0.0.1.
 
 Request headers steer it, so tests and clients (via extra headers) choose per request:
-  x-mock-reply: the text to generate (one streamed event per word)
+  x-mock-reply: the text to generate (one streamed event per word), percent-encoded UTF-8
   x-mock-split: `every-byte` writes the stream one byte per chunk (splitting events, `data:`,
                 CRLF pairs and UTF-8 characters); a number N writes chunks of N bytes
   x-mock-delay-ms: pause before each streamed event
@@ -17,6 +17,7 @@ import re
 import threading
 import time
 import zlib
+from urllib.parse import unquote
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 DEFAULT_REPLY = "Hello there, caf\u00e9 \u00fcber \u2603 \U0001f600 how can I help?"
@@ -65,7 +66,7 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?")[0].rstrip("/")
         record = {"path": path, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body}
         self.server.requests.append(record)
-        reply = self.headers.get("x-mock-reply", DEFAULT_REPLY)
+        reply = unquote(self.headers.get("x-mock-reply", "")) or DEFAULT_REPLY
         words = tokens(reply)
         model = body.get("model") or "mock-model"
         stream = body.get("stream") is True

@@ -241,6 +241,9 @@ pub struct Stream {
     /// Each processor's per-stream state ([`Context::state`]).
     states: Vec<Option<Box<dyn Any>>>,
     started_nanos: u64,
+    /// The request path, kept when a streamed response may need it (its protocol); some
+    /// hosts cannot read request headers any more once the response arrives.
+    request_path: String,
 }
 
 enum Failure {
@@ -271,6 +274,27 @@ impl From<EventDecision> for Step {
             EventDecision::Continue => Step::Continue,
             EventDecision::Drop => Step::Drop,
             EventDecision::Reject(reply) => Step::Reject(reply),
+        }
+    }
+}
+
+/// What one processor callback works on.
+struct Scope<'b> {
+    direction: Direction,
+    body: &'b mut Body,
+    /// Set when the plugin changed a request header (the route cache must be cleared).
+    request_headers_changed: Option<&'b mut bool>,
+    headers_sent: bool,
+}
+
+impl<'b> Scope<'b> {
+    /// A response event or end of stream: no body, no request headers to change.
+    fn response_event(body: &'b mut Body, headers_sent: bool) -> Self {
+        Scope {
+            direction: Direction::Response,
+            body,
+            request_headers_changed: None,
+            headers_sent,
         }
     }
 }
@@ -308,6 +332,7 @@ impl Stream {
             replied: false,
             states: Vec::new(),
             started_nanos: 0,
+            request_path: String::new(),
         }
     }
 
@@ -328,6 +353,14 @@ impl Stream {
             .iter()
             .zip(&self.active)
             .any(|(p, active)| *active && (p.response == PhaseNeed::Body || p.stream.is_some()));
+        let reads_events = chain
+            .processors
+            .iter()
+            .zip(&self.active)
+            .any(|(p, active)| *active && p.stream.is_some());
+        if reads_events {
+            self.request_path = host.header(Direction::Request, ":path").unwrap_or_default();
+        }
         if reads_response {
             // Response plugins must see plain text: ask the upstream not to compress. (To
             // compress towards the client, put Envoy's compressor filter before this one.)
@@ -407,7 +440,7 @@ impl Stream {
         }
         // Events may change length; a stream with a content-length would be cut or padded.
         host.remove_header(Direction::Response, "content-length");
-        let path = host.header(Direction::Request, ":path").unwrap_or_default();
+        let path = std::mem::take(&mut self.request_path);
         let max_event = usize::try_from(self.chain.limits.max_response_body_bytes).unwrap_or(usize::MAX);
         self.events = Some(EventStream::new(max_event, hold_back, StreamProtocol::from_path(&path)));
         HeadersFlow::WaitForBody
@@ -577,9 +610,12 @@ impl Stream {
             let verdict = self.invoke(
                 host,
                 index,
-                direction,
-                &mut body,
-                &mut request_headers_changed,
+                Scope {
+                    direction,
+                    body: &mut body,
+                    request_headers_changed: Some(&mut request_headers_changed),
+                    headers_sent: false,
+                },
                 |plugin, ctx| {
                     match direction {
                         Direction::Request => plugin.on_request(ctx),
@@ -608,11 +644,16 @@ impl Stream {
         &mut self,
         host: &mut dyn Host,
         index: usize,
-        direction: Direction,
-        body: &mut Body,
-        request_headers_changed: &mut bool,
+        scope: Scope<'_>,
         call: impl FnOnce(&dyn Plugin, &mut Context<'_>) -> Result<Step, PluginError>,
     ) -> Verdict {
+        let Scope {
+            direction,
+            body,
+            request_headers_changed: changed_headers,
+            headers_sent,
+        } = scope;
+        let mut request_headers_changed = false;
         let chain = Arc::clone(&self.chain);
         let processor = &chain.processors[index];
         let metrics = processor.metrics;
@@ -625,14 +666,18 @@ impl Stream {
                 host: &mut *host,
                 direction,
                 body,
-                request_headers_changed,
+                request_headers_changed: &mut request_headers_changed,
                 deadline_nanos,
                 counters: &processor.counters,
                 state,
                 started_nanos,
+                headers_sent,
             };
             call(processor.plugin.as_ref(), &mut ctx)
         }));
+        if let Some(changed) = changed_headers {
+            *changed |= request_headers_changed;
+        }
         let elapsed = host.now_nanos().saturating_sub(started);
         host.increment_counter(metrics.invocations, 1);
         host.record_histogram(metrics.latency_us, elapsed / 1_000);
@@ -747,7 +792,7 @@ impl Stream {
                         continue;
                     }
                     stream.observe(&mut event);
-                    match self.run_event(host, &processors, &mut event) {
+                    match self.run_event(host, &processors, &mut event, stream.started) {
                         Verdict::Continue => stream.hold(event.to_bytes()),
                         Verdict::Drop => {}
                         Verdict::Stop(reply, details) => {
@@ -778,7 +823,7 @@ impl Stream {
             }
         }
         if stop.is_none() && end_of_stream && !stream.passthrough {
-            stop = self.run_stream_end(host, &processors);
+            stop = self.run_stream_end(host, &processors, stream.started);
         }
         let mut out = Vec::new();
         match stop {
@@ -812,14 +857,18 @@ impl Stream {
     }
 
     /// Runs the event processors on one event, in order.
-    fn run_event(&mut self, host: &mut dyn Host, processors: &[usize], event: &mut SseEvent) -> Verdict {
+    fn run_event(
+        &mut self,
+        host: &mut dyn Host,
+        processors: &[usize],
+        event: &mut SseEvent,
+        headers_sent: bool,
+    ) -> Verdict {
         for &index in processors {
             let verdict = self.invoke(
                 host,
                 index,
-                Direction::Response,
-                &mut Body::default(),
-                &mut false,
+                Scope::response_event(&mut Body::default(), headers_sent),
                 |plugin, ctx| plugin.on_response_event(ctx, event).map(Step::from),
             );
             match verdict {
@@ -831,14 +880,17 @@ impl Stream {
     }
 
     /// Tells the event processors the stream ended; the first rejection wins.
-    fn run_stream_end(&mut self, host: &mut dyn Host, processors: &[usize]) -> Option<(LocalReply, String)> {
+    fn run_stream_end(
+        &mut self,
+        host: &mut dyn Host,
+        processors: &[usize],
+        headers_sent: bool,
+    ) -> Option<(LocalReply, String)> {
         for &index in processors {
             let verdict = self.invoke(
                 host,
                 index,
-                Direction::Response,
-                &mut Body::default(),
-                &mut false,
+                Scope::response_event(&mut Body::default(), headers_sent),
                 |plugin, ctx| plugin.on_stream_end(ctx).map(Step::from),
             );
             if let Verdict::Stop(reply, details) = verdict {

@@ -160,6 +160,8 @@ pub struct Context<'a> {
     pub(crate) counters: &'a [MetricId],
     pub(crate) state: &'a mut Option<Box<dyn Any>>,
     pub(crate) started_nanos: u64,
+    /// True when the headers of this direction already went out (later events of a stream).
+    pub(crate) headers_sent: bool,
 }
 
 impl Context<'_> {
@@ -173,6 +175,11 @@ impl Context<'_> {
         self.host.header(self.direction, name)
     }
 
+    /// Whether the headers of this direction already went out, so cannot change any more.
+    pub fn headers_sent(&self) -> bool {
+        self.headers_sent
+    }
+
     /// A request header (also readable while processing the response).
     pub fn request_header(&self, name: &str) -> Option<String> {
         self.host.header(Direction::Request, name)
@@ -180,7 +187,14 @@ impl Context<'_> {
 
     /// Sets a header of the direction being processed, replacing any value a client or
     /// upstream sent. Values with control characters are refused, so no header injection.
+    /// Once a stream's headers went out (events after the first bytes) this is an error.
     pub fn set_header(&mut self, name: &str, value: &str) -> Result<(), PluginError> {
+        if self.headers_sent {
+            return Err(PluginError::internal(
+                "headers_sent",
+                format!("cannot set header {name}: the headers already went out"),
+            ));
+        }
         if let Some(bad) = value.bytes().find(|b| (*b < 0x20 && *b != b'\t') || *b == 0x7f) {
             return Err(PluginError::bad_request(
                 "invalid_header_value",
@@ -192,8 +206,11 @@ impl Context<'_> {
         Ok(())
     }
 
-    /// Removes a header of the direction being processed.
+    /// Removes a header of the direction being processed (nothing once the headers went out).
     pub fn remove_header(&mut self, name: &str) {
+        if self.headers_sent {
+            return;
+        }
         self.host.remove_header(self.direction, name);
         self.note_header_change();
     }

@@ -9,11 +9,20 @@ pub(crate) struct WasmHost<'a> {
     metric_ids: &'a [Option<u32>],
     /// Size of the body buffered so far, as the body callback reported it (cumulative).
     body_size: usize,
+    /// The direction of the callback being served. Envoy only lends a header map to wasm
+    /// while that direction's headers are held, and proxy-wasm traps on a map Envoy refuses,
+    /// so request headers read from a response callback come from the `request.headers`
+    /// attribute, and writes to the other direction's headers are not attempted.
+    phase: Direction,
 }
 
 impl<'a> WasmHost<'a> {
-    pub(crate) fn new(metric_ids: &'a [Option<u32>], body_size: usize) -> Self {
-        Self { metric_ids, body_size }
+    pub(crate) fn new(metric_ids: &'a [Option<u32>], body_size: usize, phase: Direction) -> Self {
+        Self {
+            metric_ids,
+            body_size,
+            phase,
+        }
     }
 }
 
@@ -42,16 +51,32 @@ fn body_buffer(request: bool) -> BufferType {
 
 impl Host for WasmHost<'_> {
     fn header(&self, dir: Direction, name: &str) -> Option<String> {
-        let value = hostcalls::get_map_value_bytes(headers_map(dir), name).ok().flatten()?;
+        let value = if dir == self.phase {
+            hostcalls::get_map_value_bytes(headers_map(dir), name).ok().flatten()?
+        } else if dir == Direction::Request {
+            let name = name.to_ascii_lowercase();
+            hostcalls::get_property(vec!["request", "headers", &name])
+                .ok()
+                .flatten()?
+        } else {
+            return None; // response headers do not exist yet in a request callback
+        };
         Some(String::from_utf8_lossy(&value).into_owned())
     }
 
     fn set_header(&mut self, dir: Direction, name: &str, value: &str) {
+        if dir != self.phase {
+            log::debug!("not setting {} header {name}: it went out already", dir.as_str());
+            return;
+        }
         // Replacing a request header also makes Envoy clear the route cache.
         let _ = hostcalls::set_map_value(headers_map(dir), name, Some(value));
     }
 
     fn remove_header(&mut self, dir: Direction, name: &str) {
+        if dir != self.phase {
+            return;
+        }
         let _ = hostcalls::set_map_value(headers_map(dir), name, None);
     }
 

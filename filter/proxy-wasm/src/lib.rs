@@ -24,6 +24,7 @@ pub use payload_processor_core::Registry;
 pub use proxy_wasm;
 
 use host::WasmHost;
+use payload_processor_core::Direction;
 use payload_processor_core::{BodyFlow, Chain, HeadersFlow, MetricKind, Stream};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
@@ -151,34 +152,34 @@ impl Context for Filter {}
 
 impl HttpContext for Filter {
     fn on_http_request_headers(&mut self, _count: usize, end_of_stream: bool) -> Action {
-        let mut host = WasmHost::new(&self.metric_ids, 0);
+        let mut host = WasmHost::new(&self.metric_ids, 0, Direction::Request);
         headers_action(self.stream.on_request_headers(&mut host, end_of_stream))
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let mut host = WasmHost::new(&self.metric_ids, body_size);
+        let mut host = WasmHost::new(&self.metric_ids, body_size, Direction::Request);
         body_action(self.stream.on_request_body(&mut host, end_of_stream))
     }
 
     fn on_http_request_trailers(&mut self, _count: usize) -> Action {
         let size = host::buffered_size(true);
-        let mut host = WasmHost::new(&self.metric_ids, size);
+        let mut host = WasmHost::new(&self.metric_ids, size, Direction::Request);
         body_action(self.stream.on_request_trailers(&mut host))
     }
 
     fn on_http_response_headers(&mut self, _count: usize, end_of_stream: bool) -> Action {
-        let mut host = WasmHost::new(&self.metric_ids, 0);
+        let mut host = WasmHost::new(&self.metric_ids, 0, Direction::Response);
         headers_action(self.stream.on_response_headers(&mut host, end_of_stream))
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let mut host = WasmHost::new(&self.metric_ids, body_size);
+        let mut host = WasmHost::new(&self.metric_ids, body_size, Direction::Response);
         body_action(self.stream.on_response_body(&mut host, end_of_stream))
     }
 
     fn on_http_response_trailers(&mut self, _count: usize) -> Action {
         let size = host::buffered_size(false);
-        let mut host = WasmHost::new(&self.metric_ids, size);
+        let mut host = WasmHost::new(&self.metric_ids, size, Direction::Response);
         body_action(self.stream.on_response_trailers(&mut host))
     }
 }
