@@ -14,6 +14,7 @@ Every request is recorded (path, headers, JSON body, the usage it reported, the 
 import gzip
 import json
 import re
+import socket
 import threading
 import time
 import zlib
@@ -43,6 +44,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+    def setup(self):
+        # Each event leaves when written (no Nagle delay), as a real model server's would.
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().setup()
 
     def _read_body(self):
         if self.headers.get("transfer-encoding", "").lower() == "chunked":
