@@ -1,9 +1,11 @@
 """The main job: Envoy with the payload processor on the bundled demo config and three local
-mock model servers; sends sample requests and shows which pool answered and which headers the
-filter set. With --serve it keeps running for your own curl."""
+mock model servers. Sends sample requests and shows which pool answered, the headers the filter
+set for routing, the token usage it read; then streams a completion event by event and shows
+the usage metadata Envoy logged for it. With --serve it keeps running for your own curl."""
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -11,8 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
 
 import requests  # noqa: E402
 
-from harness import ROOT, Envoy  # noqa: E402
-from mock_server import MockServer  # noqa: E402
+from harness import ROOT, Envoy, read_access_log  # noqa: E402
+from model_server import ModelServer  # noqa: E402
 from render import render  # noqa: E402
 
 SAMPLES = [
@@ -27,6 +29,50 @@ SAMPLES = [
 ]
 
 
+def run_samples(envoy, pools):
+    print(f"{'request':<64} {'status':>6}  {'answered by':<13} {'set by the filter'}")
+    for method, path, body in SAMPLES:
+        data = json.dumps(body) if isinstance(body, dict) else body
+        seen = {name: len(pool.requests) for name, pool in pools.items()}
+        reply = requests.request(method, envoy.url(path), data=data, timeout=10,
+                                 headers={"content-type": "application/json"})
+        shown = f"{method} {path} " + (data if data and len(data) < 40 else (data[:37] + "..." if data else ""))
+        answered = [name for name, pool in pools.items() if len(pool.requests) > seen[name]]
+        detail = {}
+        if answered:
+            sent = pools[answered[0]].requests[-1]["headers"]
+            detail = {k: v for k, v in sent.items() if k.startswith("x-gateway-")}
+        detail.update({k: v for k, v in reply.headers.items() if k.startswith("x-usage-total")})
+        if not answered:
+            try:
+                detail = reply.json().get("error", {}).get("code", "")
+            except ValueError:
+                detail = ""
+        print(f"{shown:<64} {reply.status_code:>6}  {(answered or ['-'])[0]:<13} {detail}")
+
+
+def run_stream(envoy, access_log, logged_before):
+    body = {"model": "mistral-7b", "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "Greet the gateway"}]}
+    print("\nA streamed completion (the mock sends a word every 100 ms; the filter parses every")
+    print("event and passes it on at once):")
+    started = time.monotonic()
+    with requests.post(envoy.url("/v1/chat/completions"), json=body, stream=True, timeout=30,
+                       headers={"x-mock-delay-ms": "100"}) as reply:
+        for line in reply.iter_lines():
+            if line.startswith(b"data: {"):
+                chunk = json.loads(line[6:])
+                text = "".join(c.get("delta", {}).get("content") or "" for c in chunk["choices"])
+                if text or chunk.get("usage"):
+                    shown = repr(text) if text else f"usage {chunk['usage']['total_tokens']} tokens"
+                    print(f"  +{(time.monotonic() - started) * 1000:6.0f} ms  {shown}")
+            elif line == b"data: [DONE]":
+                print(f"  +{(time.monotonic() - started) * 1000:6.0f} ms  [DONE]")
+    lines = read_access_log(access_log, logged_before + 1)
+    if len(lines) > logged_before:
+        print("\nmetadata Envoy logged for it:", json.dumps(lines[logged_before]))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--serve", action="store_true", help="keep Envoy running after the samples")
@@ -34,9 +80,10 @@ def main():
     parser.add_argument("--wasm", action="store_true", help="run the proxy-wasm form instead of the dynamic module")
     args = parser.parse_args()
 
-    pools = {key: MockServer(name) for key, name in (("A", "pool-llama"), ("B", "pool-mistral"), ("C", "pool-qwen"))}
-    values = {f"UPSTREAM_{key}_PORT": server.port for key, server in pools.items()}
-    values.update(LISTEN_PORT=args.port if args.serve else 0, ADMIN_PORT=0,
+    pools = {name: ModelServer(name) for name in ("pool-llama", "pool-mistral", "pool-qwen")}
+    values = {f"UPSTREAM_{key}_PORT": server.port for key, server in zip("ABC", pools.values())}
+    access_log = Path(tempfile.mkdtemp(prefix="demo-")) / "access.log"
+    values.update(LISTEN_PORT=args.port if args.serve else 0, ADMIN_PORT=0, ACCESS_LOG=access_log,
                   WASM_PATH=ROOT / "dist" / "payload_processor.wasm")
     form = "wasm" if args.wasm else "dynamic-module"
     artifact = "payload_processor.wasm" if args.wasm else "libpayload_processor.so"
@@ -45,25 +92,12 @@ def main():
         envoy.wait_ready()
         print(f"Envoy 1.40 with {artifact} is up on 127.0.0.1:{envoy.port} "
               f"(started in {envoy.startup_seconds:.2f}s, admin on {envoy.admin})\n")
-        print(f"{'request':<64} {'status':>6}  {'answered by':<13} headers set by the filter")
-        for method, path, body in SAMPLES:
-            data = json.dumps(body) if isinstance(body, dict) else body
-            reply = requests.request(method, envoy.url(path), data=data, timeout=10,
-                                     headers={"content-type": "application/json"})
-            shown = f"{method} {path} " + (data if data and len(data) < 40 else (data[:37] + "..." if data else ""))
-            try:
-                payload = reply.json()
-            except ValueError:
-                payload = {}
-            backend = payload.get("backend", "-")
-            headers = payload.get("headers", {})
-            set_by_filter = {k: v for k, v in headers.items() if k.startswith("x-gateway-")}
-            detail = set_by_filter or payload.get("error", {}).get("code", "")
-            print(f"{shown:<64} {reply.status_code:>6}  {backend:<13} {detail}")
+        run_samples(envoy, pools)
+        run_stream(envoy, access_log, len(read_access_log(access_log, len(SAMPLES))))
         stats = {k: v for k, v in envoy.stats().items() if v and "latency" not in k}
         print("\nfilter stats:", json.dumps(stats, indent=1))
         if args.serve:
-            print(f"\nServing. Try:\n  curl -s 127.0.0.1:{envoy.port}/v1/chat/completions "
+            print(f"\nServing (access log: {access_log}). Try:\n  curl -s 127.0.0.1:{envoy.port}/v1/chat/completions "
                   "-d '{\"model\":\"mistral-7b\",\"messages\":[]}'\nCtrl-C to stop.")
             while envoy.alive():
                 time.sleep(1)

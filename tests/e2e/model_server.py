@@ -63,6 +63,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self.rfile.readline()
         return self.rfile.read(int(self.headers.get("content-length") or 0))
 
+    def do_GET(self):
+        self.server.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
+                                     "body": None})
+        if self.path.split("?")[0].rstrip("/").endswith("/models"):
+            return self._send_json(200, {"object": "list", "data": [{"id": "mock-model", "object": "model"}]})
+        return self._send_json(404, {"error": {"message": f"no route {self.path}", "type": "invalid_request_error"}})
+
     def do_POST(self):
         raw = self._read_body()
         try:
@@ -193,6 +200,7 @@ class _Handler(BaseHTTPRequestHandler):
         content_type = self.headers.get("x-mock-content-type", "application/json")
         self.send_response(status)
         self.send_header("content-type", content_type)
+        self.send_header("x-backend", self.server.name)
         if self._wants_gzip():
             payload = gzip.compress(payload)
             self.send_header("content-encoding", "gzip")
@@ -206,6 +214,7 @@ class _Handler(BaseHTTPRequestHandler):
         compressor = zlib.compressobj(wbits=31) if self._wants_gzip() else None
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
+        self.send_header("x-backend", self.server.name)
         self.send_header("cache-control", "no-cache")
         self.send_header("transfer-encoding", "chunked")
         if compressor:
@@ -252,6 +261,7 @@ class ModelServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.requests = []
+        self.httpd.name = name
         self.name = name
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

@@ -43,7 +43,7 @@ def test_every_bundled_bootstrap_loads(form):
     for path in paths:
         envoy = Envoy(render(path, {"LISTEN_PORT": 0, "ADMIN_PORT": 0, "UPSTREAM_A_PORT": 9, "UPSTREAM_B_PORT": 9,
                                     "UPSTREAM_C_PORT": 9, "UPSTREAM_DEFAULT_PORT": 9,
-                                    "WASM_PATH": DIST / "payload_processor.wasm"}))
+                                    "WASM_PATH": DIST / "payload_processor.wasm", "ACCESS_LOG": "/dev/null"}))
         try:
             envoy.wait_ready()
         finally:
