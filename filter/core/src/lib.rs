@@ -25,6 +25,11 @@
 //!   sent; body edits parse the JSON once and re-serialize only if it changed (unchanged bodies
 //!   are forwarded byte-for-byte), with `content-length` fixed; after any request header change
 //!   the route cache is cleared so routes can match the new headers.
+//! - **Responses**: body readers only get JSON responses (others are skipped and counted); a
+//!   `text/event-stream` response goes event by event ([`sse`]) to plugins with a
+//!   [`StreamNeed`], behind an optional hold-back window, and a rejection after the first byte
+//!   ends the stream with the terminal event the provider's SDK understands. When a processor
+//!   reads responses the upstream is asked for `accept-encoding: identity`.
 //! - **Metrics** ([`Chain::metrics`]): per processor `invocations`, `rejections`, `errors`,
 //!   `fail_open`, `budget_overruns`, `panics`, a `latency_us` histogram, and the plugin's own
 //!   counters, all under `processor.<name>.`.
