@@ -5,7 +5,11 @@
 
 pub mod base_model_to_header;
 pub mod body_field_to_header;
+pub mod body_mutation;
 pub mod token_usage;
+
+#[cfg(test)]
+mod testing;
 
 use payload_processor_core::{BuildFn, ConfigError, Context, FieldPath, JsonError, PluginError, Registry};
 use serde_json::Value;
@@ -20,6 +24,7 @@ pub fn register_builtins(registry: &mut Registry) {
     register(body_field_to_header::TYPE_NAME, body_field_to_header::build);
     register(base_model_to_header::TYPE_NAME, base_model_to_header::build);
     register(token_usage::TYPE_NAME, token_usage::build);
+    register(body_mutation::TYPE_NAME, body_mutation::build);
 }
 
 /// A registry holding the built-in plugin types.

@@ -58,6 +58,8 @@ pub trait Host {
     fn send_local_reply(&mut self, status: u16, headers: &[(String, String)], body: &[u8], details: &str);
     /// Monotonic clock in nanoseconds (wasm hosts may only offer wall time).
     fn now_nanos(&self) -> u64;
+    /// Wall-clock time: nanoseconds since the Unix epoch (for deadlines and expiries).
+    fn unix_time_nanos(&self) -> u64;
     /// Adds to a counter declared by the chain.
     fn increment_counter(&mut self, id: MetricId, by: u64);
     /// Records a histogram sample for a histogram declared by the chain.

@@ -83,6 +83,150 @@ impl FieldPath {
     }
 }
 
+/// One step of a [`WritePath`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// An object member.
+    Member(String),
+    /// An array element; negative counts from the end (`-1` is the last).
+    Index(i64),
+}
+
+/// A path that addresses exactly one value, so it can be written: member names and array
+/// indexes (`$.messages[0].content`, `$.messages[-1]`, `$['odd.key']`); a plain name is one
+/// top-level key. Wildcards, slices and filters select many values and are refused.
+#[derive(Debug, Clone)]
+pub struct WritePath {
+    text: String,
+    steps: Vec<Step>,
+}
+
+impl WritePath {
+    /// Parses a field name or a single-value JSONPath.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.is_empty() {
+            return Err("path must not be empty".into());
+        }
+        if !text.starts_with('$') {
+            return Ok(Self {
+                text: text.to_string(),
+                steps: vec![Step::Member(text.to_string())],
+            });
+        }
+        let query =
+            jsonpath_rust::parser::parse_json_path(text).map_err(|err| format!("invalid JSONPath {text:?}: {err}"))?;
+        let steps: Option<Vec<Step>> = query
+            .segments
+            .iter()
+            .map(|segment| match segment {
+                Segment::Selector(Selector::Name(name)) => Some(Step::Member(unquote(name))),
+                Segment::Selector(Selector::Index(index)) => Some(Step::Index(*index)),
+                _ => None,
+            })
+            .collect();
+        match steps {
+            Some(steps) if !steps.is_empty() => Ok(Self {
+                text: text.to_string(),
+                steps,
+            }),
+            Some(_) => Err(format!("JSONPath {text:?} selects the whole document; name a field")),
+            None => Err(format!(
+                "JSONPath {text:?} may select several values; use member names and indexes only"
+            )),
+        }
+    }
+
+    /// The path as configured.
+    pub fn describe(&self) -> &str {
+        &self.text
+    }
+
+    /// The value at the path, if present.
+    pub fn get<'v>(&self, doc: &'v Value) -> Option<&'v Value> {
+        self.steps.iter().try_fold(doc, |node, step| step_into(node, step))
+    }
+
+    /// The value at the path, for editing, if present.
+    pub fn get_mut<'v>(&self, doc: &'v mut Value) -> Option<&'v mut Value> {
+        self.steps.iter().try_fold(doc, |node, step| step_into_mut(node, step))
+    }
+
+    /// Sets the value, creating missing objects for member steps. An index must exist.
+    pub fn set(&self, doc: &mut Value, value: Value) -> Result<(), JsonError> {
+        let (last, parents) = self.steps.split_last().expect("never empty");
+        let mut node = doc;
+        for (depth, step) in parents.iter().enumerate() {
+            node = match step {
+                Step::Member(name) => node
+                    .as_object_mut()
+                    .ok_or_else(|| self.not_object(depth))?
+                    .entry(name.clone())
+                    .or_insert_with(|| Value::Object(Default::default())),
+                Step::Index(_) => step_into_mut(node, step).ok_or_else(|| self.missing(depth))?,
+            };
+        }
+        match last {
+            Step::Member(name) => {
+                node.as_object_mut()
+                    .ok_or_else(|| self.not_object(parents.len()))?
+                    .insert(name.clone(), value);
+            }
+            Step::Index(_) => *step_into_mut(node, last).ok_or_else(|| self.missing(parents.len()))? = value,
+        }
+        Ok(())
+    }
+
+    /// Removes the value; returns it when it was present.
+    pub fn remove(&self, doc: &mut Value) -> Option<Value> {
+        let (last, parents) = self.steps.split_last().expect("never empty");
+        let parent = parents.iter().try_fold(doc, |node, step| step_into_mut(node, step))?;
+        match (last, parent) {
+            (Step::Member(name), Value::Object(object)) => object.shift_remove(name),
+            (Step::Index(index), Value::Array(items)) => {
+                let at = resolve_index(*index, items.len())?;
+                Some(items.remove(at))
+            }
+            _ => None,
+        }
+    }
+
+    fn not_object(&self, depth: usize) -> JsonError {
+        JsonError::NotAnObject(format!("{} (step {})", self.text, depth + 1))
+    }
+
+    fn missing(&self, depth: usize) -> JsonError {
+        JsonError::Path(format!("{}: no array element at step {}", self.text, depth + 1))
+    }
+}
+
+fn resolve_index(index: i64, len: usize) -> Option<usize> {
+    let at = if index < 0 {
+        len.checked_sub(usize::try_from(index.unsigned_abs()).ok()?)?
+    } else {
+        usize::try_from(index).ok()?
+    };
+    (at < len).then_some(at)
+}
+
+fn step_into<'v>(node: &'v Value, step: &Step) -> Option<&'v Value> {
+    match (step, node) {
+        (Step::Member(name), Value::Object(object)) => object.get(name),
+        (Step::Index(index), Value::Array(items)) => items.get(resolve_index(*index, items.len())?),
+        _ => None,
+    }
+}
+
+fn step_into_mut<'v>(node: &'v mut Value, step: &Step) -> Option<&'v mut Value> {
+    match (step, node) {
+        (Step::Member(name), Value::Object(object)) => object.get_mut(name),
+        (Step::Index(index), Value::Array(items)) => {
+            let at = resolve_index(*index, items.len())?;
+            items.get_mut(at)
+        }
+        _ => None,
+    }
+}
+
 /// jsonpath-rust keeps the quotes of bracketed names (`['a']`); a member name has none.
 fn unquote(name: &str) -> String {
     let bytes = name.as_bytes();
@@ -381,6 +525,30 @@ fn walk_mut<'v>(mut node: &'v mut Value, members: &[String]) -> Option<&'v mut V
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_paths_address_one_value_by_names_and_indexes() {
+        let mut doc: Value = serde_json::from_str(r#"{"messages":[{"content":"a"},{"content":"b"}],"n":1}"#).unwrap();
+        let last = WritePath::parse("$.messages[-1].content").unwrap();
+        assert_eq!(last.get(&doc), Some(&Value::from("b")));
+        last.set(&mut doc, "c".into()).unwrap();
+        assert_eq!(doc["messages"][1]["content"], "c");
+        WritePath::parse("$.a.b").unwrap().set(&mut doc, 1.into()).unwrap();
+        assert_eq!(doc["a"]["b"], 1);
+        assert!(WritePath::parse("$.messages[5].x")
+            .unwrap()
+            .set(&mut doc, 1.into())
+            .is_err());
+        assert!(WritePath::parse("$.n.x").unwrap().set(&mut doc, 1.into()).is_err());
+        assert_eq!(
+            WritePath::parse("$.messages[0]").unwrap().remove(&mut doc).unwrap()["content"],
+            "a"
+        );
+        assert_eq!(doc["messages"].as_array().unwrap().len(), 1);
+        for bad in ["$.messages[*]", "$..content", "$", "", "$.a[?@.b]"] {
+            assert!(WritePath::parse(bad).is_err(), "{bad}");
+        }
+    }
     use serde_json::json;
 
     fn get(body: &str, path: &str) -> Result<Option<Value>, JsonError> {

@@ -52,7 +52,7 @@ pub use config::{FailureMode, FilterConfig, Limits};
 pub use engine::{BodyFlow, Chain, HeadersFlow, MetricDef, MetricKind, Stream};
 pub use error::ConfigError;
 pub use host::{Direction, Host, MetricId};
-pub use json::{Body, FieldPath, JsonError};
+pub use json::{Body, FieldPath, JsonError, Step, WritePath};
 pub use plugin::{Context, Counter, Decision, EventDecision, LocalReply, PhaseNeed, Plugin, PluginError, StreamNeed};
 pub use registry::{BuildContext, BuildFn, PluginFactory, Registry, RegistryError};
 pub use sse::SseEvent;

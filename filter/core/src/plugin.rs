@@ -253,6 +253,11 @@ impl Context<'_> {
         self.host.now_nanos()
     }
 
+    /// Wall-clock time, nanoseconds since the Unix epoch.
+    pub fn unix_time_nanos(&self) -> u64 {
+        self.host.unix_time_nanos()
+    }
+
     /// The host's clock when the request headers arrived.
     pub fn stream_started_nanos(&self) -> u64 {
         self.started_nanos

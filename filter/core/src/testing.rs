@@ -52,6 +52,8 @@ pub struct FakeHost {
     pub now: std::cell::Cell<u64>,
     /// Clock advance per `now_nanos` call.
     pub tick_nanos: u64,
+    /// Wall-clock time reported by `unix_time_nanos`.
+    pub unix_time_nanos: u64,
 }
 
 impl FakeHost {
@@ -157,6 +159,9 @@ impl Host for FakeHost {
         let now = self.now.get() + self.tick_nanos;
         self.now.set(now);
         now
+    }
+    fn unix_time_nanos(&self) -> u64 {
+        self.unix_time_nanos
     }
     fn increment_counter(&mut self, id: MetricId, by: u64) {
         *self.counters.entry(id.0).or_default() += by;

@@ -108,6 +108,12 @@ impl Host for EnvoyHost<'_> {
         u64::try_from(START.get_or_init(Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
+    fn unix_time_nanos(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| u64::try_from(since.as_nanos()).unwrap_or(u64::MAX))
+    }
+
     fn increment_counter(&mut self, id: MetricId, by: u64) {
         if let Some(Some(envoy_id)) = self.metric_ids.get(id.0) {
             self.filter.increment_counter(*envoy_id, by);

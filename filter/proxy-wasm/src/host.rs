@@ -123,6 +123,10 @@ impl Host for WasmHost<'_> {
             .map_or(0, |since| u64::try_from(since.as_nanos()).unwrap_or(u64::MAX))
     }
 
+    fn unix_time_nanos(&self) -> u64 {
+        self.now_nanos() // proxy-wasm's clock is wall time already
+    }
+
     fn increment_counter(&mut self, id: MetricId, by: u64) {
         if let Some(Some(metric)) = self.metric_ids.get(id.0) {
             let _ = hostcalls::increment_metric(*metric, i64::try_from(by).unwrap_or(i64::MAX));
