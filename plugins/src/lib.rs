@@ -6,6 +6,8 @@
 pub mod base_model_to_header;
 pub mod body_field_to_header;
 pub mod body_mutation;
+pub mod model_rewrite;
+pub mod prompt_decorator;
 pub mod token_usage;
 
 #[cfg(test)]
@@ -25,6 +27,8 @@ pub fn register_builtins(registry: &mut Registry) {
     register(base_model_to_header::TYPE_NAME, base_model_to_header::build);
     register(token_usage::TYPE_NAME, token_usage::build);
     register(body_mutation::TYPE_NAME, body_mutation::build);
+    register(model_rewrite::TYPE_NAME, model_rewrite::build);
+    register(prompt_decorator::TYPE_NAME, prompt_decorator::build);
 }
 
 /// A registry holding the built-in plugin types.
