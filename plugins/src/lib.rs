@@ -8,6 +8,7 @@ pub mod body_field_to_header;
 pub mod body_mutation;
 pub mod model_rewrite;
 pub mod prompt_decorator;
+pub mod request_validator;
 pub mod token_usage;
 
 #[cfg(test)]
@@ -29,6 +30,7 @@ pub fn register_builtins(registry: &mut Registry) {
     register(body_mutation::TYPE_NAME, body_mutation::build);
     register(model_rewrite::TYPE_NAME, model_rewrite::build);
     register(prompt_decorator::TYPE_NAME, prompt_decorator::build);
+    register(request_validator::TYPE_NAME, request_validator::build);
 }
 
 /// A registry holding the built-in plugin types.
