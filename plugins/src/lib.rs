@@ -7,6 +7,7 @@ pub mod base_model_to_header;
 pub mod body_field_to_header;
 pub mod body_mutation;
 pub mod json_to_multipart;
+pub mod mcp_router;
 pub mod model_rewrite;
 pub mod prompt_decorator;
 pub mod request_validator;
@@ -33,6 +34,7 @@ pub fn register_builtins(registry: &mut Registry) {
     register(prompt_decorator::TYPE_NAME, prompt_decorator::build);
     register(request_validator::TYPE_NAME, request_validator::build);
     register(json_to_multipart::TYPE_NAME, json_to_multipart::build);
+    register(mcp_router::TYPE_NAME, mcp_router::build);
 }
 
 /// A registry holding the built-in plugin types.
