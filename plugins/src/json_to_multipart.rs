@@ -69,13 +69,13 @@ pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugi
         let at = |field: &str| format!("fileFields[{index}].{field}");
         if !safe_token(&file.field) {
             return Err(ConfigError::new(
-                &at("field"),
+                at("field"),
                 "must be a non-empty name without quotes or controls",
             ));
         }
         if file.filename.as_deref().is_some_and(|f| !safe_token(f)) {
             return Err(ConfigError::new(
-                &at("filename"),
+                at("filename"),
                 "must be a non-empty name without quotes or controls",
             ));
         }
@@ -85,7 +85,7 @@ pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugi
             .is_some_and(|c| !safe_token(c) || !c.contains('/'))
         {
             return Err(ConfigError::new(
-                &at("contentType"),
+                at("contentType"),
                 "must be a media type such as audio/wav",
             ));
         }

@@ -92,7 +92,7 @@ pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugi
         (Some(config.deny_methods.as_slice()), "denyMethods"),
     ] {
         if let Some(index) = list.and_then(|l| l.iter().position(String::is_empty)) {
-            return Err(ConfigError::new(&format!("{at}[{index}]"), "must not be empty"));
+            return Err(ConfigError::new(format!("{at}[{index}]"), "must not be empty"));
         }
     }
     Ok(Arc::new(McpRouter {

@@ -162,10 +162,7 @@ fn build_rule(rule: &RuleConfig) -> Result<Rule, ConfigError> {
     }
     for (index, target) in rule.targets.iter().enumerate() {
         if target.model.is_empty() {
-            return Err(ConfigError::new(
-                &format!("targets[{index}].model"),
-                "must not be empty",
-            ));
+            return Err(ConfigError::new(format!("targets[{index}].model"), "must not be empty"));
         }
     }
     let total_weight: u64 = rule.targets.iter().map(|t| u64::from(t.weight)).sum();

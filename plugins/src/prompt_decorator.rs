@@ -75,7 +75,7 @@ pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugi
         for (index, message) in messages.iter().enumerate() {
             if !["system", "developer", "user", "assistant"].contains(&message.role.as_str()) {
                 return Err(ConfigError::new(
-                    &format!("{list}[{index}].role"),
+                    format!("{list}[{index}].role"),
                     format!(
                         "unknown role {:?}; use system, developer, user or assistant",
                         message.role
@@ -84,7 +84,7 @@ pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugi
             }
             if message.content.is_empty() {
                 return Err(ConfigError::new(
-                    &format!("{list}[{index}].content"),
+                    format!("{list}[{index}].content"),
                     "must not be empty",
                 ));
             }
