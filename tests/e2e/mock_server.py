@@ -53,13 +53,13 @@ class _Handler(BaseHTTPRequestHandler):
                          "message": {"role": "assistant", "content": f"Hello from {server.name}"}}],
         }
         payload = json.dumps(reply).encode()
+        server.requests.append(reply)  # before replying: a client may look as soon as it has the answer
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(payload)))
         self.send_header("x-backend", server.name)
         self.end_headers()
         self.wfile.write(payload)
-        server.requests.append(reply)
 
     do_GET = do_POST = do_PUT = do_DELETE = _handle
 

@@ -248,10 +248,11 @@ class _Handler(BaseHTTPRequestHandler):
             tail = compressor.flush()
             if tail:
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(tail), tail))
-        self.wfile.write(b"0\r\n\r\n")
-        self.wfile.flush()
+        # Recorded before the last chunk: the client may look as soon as the stream ends.
         record["sent"] = bytes(sent)
         record["finished_at"] = time.monotonic()
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
 
 
 class ModelServer:
