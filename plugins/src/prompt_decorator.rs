@@ -13,7 +13,9 @@
 //! go into the top-level `system` (a string, or text blocks when it is a list); other roles go
 //! into `messages`. A body without a `messages` list is left alone (counted `not_chat`).
 
-use payload_processor_core::{BuildContext, ConfigError, Context, Counter, Decision, PhaseNeed, Plugin, PluginError};
+use payload_processor_core::{
+    Api, BuildContext, ConfigError, Context, Counter, Decision, PhaseNeed, Plugin, PluginError,
+};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -99,14 +101,6 @@ pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugi
     }))
 }
 
-fn is_anthropic(path: &str) -> bool {
-    path.split('?')
-        .next()
-        .unwrap_or_default()
-        .trim_end_matches('/')
-        .ends_with("/messages")
-}
-
 /// Adds text to Anthropic's top-level `system` (absent, a string, or a list of blocks).
 fn extend_system(doc: &mut Value, before: &[String], after: &[String]) {
     if before.is_empty() && after.is_empty() {
@@ -144,7 +138,7 @@ impl Plugin for PromptDecorator {
     }
 
     fn on_request(&self, ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
-        let anthropic = is_anthropic(&ctx.request_header(":path").unwrap_or_default());
+        let anthropic = Api::from_path(&ctx.request_header(":path").unwrap_or_default()) == Api::Anthropic;
         let invalid =
             |err: payload_processor_core::JsonError| PluginError::bad_request("invalid_json", err.to_string());
         let doc = ctx.body().doc().map_err(invalid)?;

@@ -58,23 +58,12 @@ pub struct Config {
     #[serde(default)]
     pub deadline_field: Option<String>,
     /// How long before the deadline a request is already refused.
-    #[serde(default, with = "humantime_serde_opt")]
+    #[serde(default, deserialize_with = "payload_processor_core::config::deserialize_duration")]
     pub deadline_margin: Option<Duration>,
 }
 
 fn yes() -> bool {
     true
-}
-
-mod humantime_serde_opt {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(de: D) -> Result<Option<Duration>, D::Error> {
-        let text = Option::<String>::deserialize(de)?;
-        text.map(|t| humantime::parse_duration(&t).map_err(serde::de::Error::custom))
-            .transpose()
-    }
 }
 
 /// The plugin.

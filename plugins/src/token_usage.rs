@@ -32,8 +32,8 @@
 
 use crate::body_field_to_header::validate_header_name;
 use payload_processor_core::{
-    BuildContext, ConfigError, Context, Counter, Decision, EventDecision, FieldPath, PhaseNeed, Plugin, PluginError,
-    SseEvent, StreamNeed,
+    Api, BuildContext, ConfigError, Context, Counter, Decision, EventDecision, FieldPath, PhaseNeed, Plugin,
+    PluginError, SseEvent, StreamNeed,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -150,6 +150,8 @@ pub struct TokenUsage {
     unreadable: Counter,
     forced: Counter,
     stripped: Counter,
+    stream_path: FieldPath,
+    include_path: FieldPath,
 }
 
 /// Factory.
@@ -170,12 +172,9 @@ pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugi
         unreadable: ctx.counter("unreadable"),
         forced: ctx.counter("include_usage_forced"),
         stripped: ctx.counter("usage_chunk_stripped"),
+        stream_path: FieldPath::Members(vec!["stream".into()]),
+        include_path: FieldPath::Members(vec!["stream_options".into(), "include_usage".into()]),
     }))
-}
-
-fn is_openai_streaming_path(path: &str) -> bool {
-    let path = path.split('?').next().unwrap_or_default().trim_end_matches('/');
-    path.ends_with("/chat/completions") || path.ends_with("/completions")
 }
 
 /// Does this streamed event carry generated output (the clock for TTFT and ITL)?
@@ -268,11 +267,10 @@ impl Plugin for TokenUsage {
 
     fn on_request(&self, ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
         let path = ctx.request_header(":path").unwrap_or_default();
-        if !is_openai_streaming_path(&path) {
+        if !matches!(Api::from_path(&path), Api::OpenAiChat | Api::OpenAiCompletions) {
             return Ok(Decision::Continue);
         }
-        let stream = FieldPath::Members(vec!["stream".into()]);
-        let asked = match (ctx.body().get(&stream), ctx.body().get(&include_path())) {
+        let asked = match (ctx.body().get(&self.stream_path), ctx.body().get(&self.include_path)) {
             (Ok(stream), Ok(include)) => (stream == Some(Value::Bool(true))).then_some(include),
             _ => {
                 ctx.increment(self.unreadable);
@@ -283,7 +281,7 @@ impl Plugin for TokenUsage {
             return Ok(Decision::Continue); // not a streamed request
         };
         if include != Some(Value::Bool(true)) {
-            if ctx.body().set(&include_path(), Value::Bool(true)).is_err() {
+            if ctx.body().set(&self.include_path, Value::Bool(true)).is_err() {
                 ctx.increment(self.unreadable); // stream_options is not an object
                 return Ok(Decision::Continue);
             }
@@ -414,10 +412,6 @@ impl Plugin for TokenUsage {
         }
         Ok(Decision::Continue)
     }
-}
-
-fn include_path() -> FieldPath {
-    FieldPath::Members(vec!["stream_options".into(), "include_usage".into()])
 }
 
 #[cfg(test)]

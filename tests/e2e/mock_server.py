@@ -10,6 +10,13 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+def read_body(handler):
+    """The request body, whether sent with content-length or chunked."""
+    if handler.headers.get("transfer-encoding", "").lower() == "chunked":
+        return _read_chunked(handler.rfile)
+    return handler.rfile.read(int(handler.headers.get("content-length") or 0))
+
+
 def _read_chunked(rfile):
     body = bytearray()
     while True:
@@ -29,10 +36,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def _handle(self):
-        if self.headers.get("transfer-encoding", "").lower() == "chunked":
-            body = _read_chunked(self.rfile)
-        else:
-            body = self.rfile.read(int(self.headers.get("content-length") or 0))
+        body = read_body(self)
         server = self.server
         model = None
         try:
@@ -64,11 +68,14 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_POST = do_PUT = do_DELETE = _handle
 
 
-class MockServer:
-    """Echo upstream on 127.0.0.1 with a port chosen by the OS."""
+class LocalServer:
+    """An HTTP server on 127.0.0.1, port chosen by the OS, serving `handler` in a thread and
+    recording requests in `requests` (the handler appends them)."""
+
+    handler = None
 
     def __init__(self, name):
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self.handler)
         self.httpd.daemon_threads = True
         self.httpd.name = name
         self.httpd.requests = []
@@ -84,3 +91,9 @@ class MockServer:
     def stop(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class MockServer(LocalServer):
+    """Echo upstream."""
+
+    handler = _Handler

@@ -15,11 +15,12 @@ import gzip
 import json
 import re
 import socket
-import threading
 import time
 import zlib
 from urllib.parse import unquote
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from mock_server import LocalServer, read_body
 
 DEFAULT_REPLY = "Hello there, caf\u00e9 \u00fcber \u2603 \U0001f600 how can I help?"
 
@@ -50,19 +51,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().setup()
 
-    def _read_body(self):
-        if self.headers.get("transfer-encoding", "").lower() == "chunked":
-            body = bytearray()
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    return bytes(body)
-                body += self.rfile.read(size)
-                self.rfile.readline()
-        return self.rfile.read(int(self.headers.get("content-length") or 0))
-
     def do_GET(self):
         self.server.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
                                      "body": None})
@@ -71,7 +59,7 @@ class _Handler(BaseHTTPRequestHandler):
         return self._send_json(404, {"error": {"message": f"no route {self.path}", "type": "invalid_request_error"}})
 
     def do_POST(self):
-        raw = self._read_body()
+        raw = read_body(self)
         try:
             body = json.loads(raw)
         except ValueError:
@@ -255,23 +243,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
-class ModelServer:
-    """The mock model server on 127.0.0.1 with a port chosen by the OS."""
+class ModelServer(LocalServer):
+    """The mock model server."""
+
+    handler = _Handler
 
     def __init__(self, name="model"):
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.requests = []
-        self.httpd.name = name
-        self.name = name
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def requests(self):
-        return self.httpd.requests
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(name)

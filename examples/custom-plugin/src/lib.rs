@@ -9,8 +9,7 @@
 #![deny(unsafe_code)]
 
 mod fault_injector;
-mod stamp_request;
-mod stamp_response;
+mod stamp;
 mod word_guard;
 
 use payload_processor_core::Registry;
@@ -22,10 +21,10 @@ pub fn registry() -> Registry {
         .register(fault_injector::TYPE_NAME, fault_injector::build)
         .expect("unique type name");
     registry
-        .register(stamp_request::TYPE_NAME, stamp_request::build)
+        .register(stamp::REQUEST_TYPE_NAME, stamp::build_request)
         .expect("unique type name");
     registry
-        .register(stamp_response::TYPE_NAME, stamp_response::build)
+        .register(stamp::RESPONSE_TYPE_NAME, stamp::build_response)
         .expect("unique type name");
     registry
         .register(word_guard::TYPE_NAME, word_guard::build)

@@ -115,7 +115,9 @@ pub struct HeaderCondition {
     pub present: Option<bool>,
 }
 
-fn deserialize_duration<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<Duration>, D::Error> {
+/// Deserializes an optional duration with [`parse_duration`] (for plugin configs too:
+/// `#[serde(default, deserialize_with = "payload_processor_core::config::deserialize_duration")]`).
+pub fn deserialize_duration<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Option<Duration>, D::Error> {
     let text: Option<String> = Option::deserialize(de)?;
     match text {
         None => Ok(None),

@@ -2,7 +2,7 @@
 
 use crate::config::{FailureMode, FilterConfig, Limits};
 use crate::error::ConfigError;
-use crate::event_stream::{EventStream, StreamProtocol};
+use crate::event_stream::{Api, EventStream};
 use crate::host::{Direction, Host, MetricId};
 use crate::json::Body;
 use crate::matcher::Matcher;
@@ -442,7 +442,15 @@ impl Stream {
         host.remove_header(Direction::Response, "content-length");
         let path = std::mem::take(&mut self.request_path);
         let max_event = usize::try_from(self.chain.limits.max_response_body_bytes).unwrap_or(usize::MAX);
-        self.events = Some(EventStream::new(max_event, hold_back, StreamProtocol::from_path(&path)));
+        let processors = (0..chain.processors.len())
+            .filter(|&i| self.response_active[i] && chain.processors[i].stream.is_some())
+            .collect();
+        self.events = Some(EventStream::new(
+            max_event,
+            hold_back,
+            Api::from_path(&path),
+            processors,
+        ));
         HeadersFlow::WaitForBody
     }
 
@@ -748,13 +756,6 @@ impl Stream {
         Verdict::Stop(reply, format!("payload_processor.{}.failed", processor.name))
     }
 
-    /// Indexes of the processors that see this response's events, in chain order.
-    fn event_processors(&self) -> Vec<usize> {
-        (0..self.chain.processors.len())
-            .filter(|&i| self.response_active[i] && self.chain.processors[i].stream.is_some())
-            .collect()
-    }
-
     /// A chunk of a streamed response: parse events, run the event processors on each, hold
     /// back the window, release the rest (everything at end of stream).
     fn on_stream_data(&mut self, host: &mut dyn Host, end_of_stream: bool) -> BodyFlow {
@@ -782,7 +783,7 @@ impl Stream {
             return BodyFlow::Continue;
         }
         stream.parser.push(&chunk);
-        let processors = self.event_processors();
+        let processors = std::mem::take(&mut stream.processors);
         let mut stop: Option<(LocalReply, String)> = None;
         loop {
             match stream.parser.next_event(end_of_stream) {
@@ -825,6 +826,7 @@ impl Stream {
         if stop.is_none() && end_of_stream && !stream.passthrough {
             stop = self.run_stream_end(host, &processors, stream.started);
         }
+        stream.processors = processors;
         let mut out = Vec::new();
         match stop {
             Some((reply, details)) => {

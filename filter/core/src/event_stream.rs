@@ -6,9 +6,10 @@ use crate::sse::{SseEvent, SseParser};
 use serde_json::{json, Value};
 use std::collections::VecDeque;
 
-/// The streaming protocol, which decides how a rejected stream is ended.
+/// The provider API a request speaks, as far as the engine and plugins need to know (how a
+/// rejected stream ends, where a system prompt goes, which requests can stream usage).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum StreamProtocol {
+pub enum Api {
     /// OpenAI chat completions (`chat.completion.chunk` events, `data: [DONE]`).
     OpenAiChat,
     /// OpenAI legacy completions (`text_completion` events, `data: [DONE]`).
@@ -21,9 +22,9 @@ pub(crate) enum StreamProtocol {
     Unknown,
 }
 
-impl StreamProtocol {
-    /// The protocol the request path implies.
-    pub(crate) fn from_path(path: &str) -> Self {
+impl Api {
+    /// The API a request path implies (query ignored).
+    pub fn from_path(path: &str) -> Self {
         let path = path.split('?').next().unwrap_or_default().trim_end_matches('/');
         if path.ends_with("/chat/completions") {
             Self::OpenAiChat
@@ -50,11 +51,14 @@ impl StreamProtocol {
 
 /// A streamed response being passed through event processors.
 pub(crate) struct EventStream {
+    /// Indexes of the processors that see the events, in chain order (decided once, at the
+    /// response headers).
+    pub(crate) processors: Vec<usize>,
     pub(crate) parser: SseParser,
     held: VecDeque<Vec<u8>>,
     held_bytes: usize,
     hold_back: usize,
-    pub(crate) protocol: StreamProtocol,
+    pub(crate) protocol: Api,
     /// `id`, `model` and `created` of the first OpenAI chunk, for a terminal chunk that
     /// belongs to the same completion.
     first_chunk: Option<Value>,
@@ -68,8 +72,9 @@ pub(crate) struct EventStream {
 }
 
 impl EventStream {
-    pub(crate) fn new(max_event_bytes: usize, hold_back: usize, protocol: StreamProtocol) -> Self {
+    pub(crate) fn new(max_event_bytes: usize, hold_back: usize, protocol: Api, processors: Vec<usize>) -> Self {
         Self {
+            processors,
             parser: SseParser::new(max_event_bytes),
             held: VecDeque::new(),
             held_bytes: 0,
@@ -89,10 +94,7 @@ impl EventStream {
         if let Some(kind) = event.event_type() {
             self.protocol.refine(kind);
         }
-        let openai = matches!(
-            self.protocol,
-            StreamProtocol::OpenAiChat | StreamProtocol::OpenAiCompletions
-        );
+        let openai = matches!(self.protocol, Api::OpenAiChat | Api::OpenAiCompletions);
         if openai && self.first_chunk.is_none() && !event.is_done_marker() && event.data().is_some() {
             if let Ok(Value::Object(chunk)) = event.json() {
                 let keep = ["id", "created", "model", "system_fingerprint"];
@@ -135,9 +137,9 @@ impl EventStream {
         let (code, message) = error_fields(reply);
         let event = |kind: Option<&str>, data: Value| SseEvent::new(kind, &data.to_string()).to_bytes();
         match self.protocol {
-            StreamProtocol::OpenAiChat | StreamProtocol::OpenAiCompletions => {
+            Api::OpenAiChat | Api::OpenAiCompletions => {
                 let mut chunk = self.first_chunk.clone().unwrap_or_else(|| json!({}));
-                let choice = if self.protocol == StreamProtocol::OpenAiChat {
+                let choice = if self.protocol == Api::OpenAiChat {
                     chunk["object"] = "chat.completion.chunk".into();
                     json!({"index": 0, "delta": {}, "finish_reason": "content_filter", "logprobs": null})
                 } else {
@@ -149,12 +151,12 @@ impl EventStream {
                 bytes.extend_from_slice(b"data: [DONE]\n\n");
                 bytes
             }
-            StreamProtocol::OpenAiResponses => event(
+            Api::OpenAiResponses => event(
                 Some("error"),
                 json!({"type": "error", "code": code, "message": message, "param": null,
                        "sequence_number": self.events_seen}),
             ),
-            StreamProtocol::Anthropic => {
+            Api::Anthropic => {
                 let kind = match reply.status {
                     401 => "authentication_error",
                     403 => "permission_error",
@@ -170,7 +172,7 @@ impl EventStream {
                     json!({"type": "error", "error": {"type": kind, "message": message}}),
                 )
             }
-            StreamProtocol::Unknown => event(
+            Api::Unknown => event(
                 Some("error"),
                 json!({"error": {"message": message, "type": "content_filter", "code": code}}),
             ),
@@ -210,7 +212,7 @@ mod tests {
 
     #[test]
     fn openai_chat_ends_with_content_filter_then_done() {
-        let mut stream = EventStream::new(1024, 0, StreamProtocol::from_path("/v1/chat/completions"));
+        let mut stream = EventStream::new(1024, 0, Api::from_path("/v1/chat/completions"), vec![]);
         let mut first = SseEvent::parse(
             br#"data: {"id":"c1","object":"chat.completion.chunk","created":5,"model":"m","choices":[]}"#.to_vec(),
         );
@@ -228,21 +230,21 @@ mod tests {
     #[test]
     fn anthropic_and_responses_end_with_an_error_event() {
         let reply = LocalReply::json_error(403, "blocked", "not allowed");
-        let mut stream = EventStream::new(1024, 0, StreamProtocol::Unknown);
+        let mut stream = EventStream::new(1024, 0, Api::Unknown, vec![]);
         stream.observe(&mut SseEvent::parse(b"event: message_start\ndata: {}\n\n".to_vec()));
         let mut events = parse_all(&stream.terminal_events(&reply));
         assert_eq!(events[0].event_type(), Some("error"));
         assert_eq!(events[0].json().unwrap()["error"]["type"], "permission_error");
         assert_eq!(events[0].json().unwrap()["error"]["message"], "not allowed");
 
-        let stream = EventStream::new(1024, 0, StreamProtocol::from_path("/v1/responses"));
+        let stream = EventStream::new(1024, 0, Api::from_path("/v1/responses"), vec![]);
         let mut events = parse_all(&stream.terminal_events(&reply));
         assert_eq!(events[0].json().unwrap()["code"], "blocked");
     }
 
     #[test]
     fn the_window_holds_at_most_its_size_at_event_granularity() {
-        let mut stream = EventStream::new(1024, 10, StreamProtocol::Unknown);
+        let mut stream = EventStream::new(1024, 10, Api::Unknown, vec![]);
         let mut out = Vec::new();
         stream.hold(b"aaaa".to_vec());
         stream.hold(b"bbbb".to_vec());

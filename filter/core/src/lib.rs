@@ -51,6 +51,7 @@ pub mod testing;
 pub use config::{FailureMode, FilterConfig, Limits};
 pub use engine::{BodyFlow, Chain, HeadersFlow, MetricDef, MetricKind, Stream};
 pub use error::ConfigError;
+pub use event_stream::Api;
 pub use host::{Direction, Host, MetricId};
 pub use json::{Body, FieldPath, JsonError, Step, WritePath};
 pub use plugin::{Context, Counter, Decision, EventDecision, LocalReply, PhaseNeed, Plugin, PluginError, StreamNeed};
