@@ -450,6 +450,21 @@ impl Body {
                 path.describe()
             )));
         };
+        // A value that already exists in a body nobody parsed yet is replaced where it stands:
+        // no tree is built or serialized (a model rewrite on a 256 KiB prompt stays cheap) and
+        // the rest of the body goes on byte-for-byte.
+        if self.doc.is_none() && !self.is_blank() {
+            let span = find_path(&self.raw, members)?.map(|raw| {
+                let start = offset_in(&self.raw, raw.get().as_bytes());
+                start..start + raw.get().len()
+            });
+            if let Some(span) = span {
+                let text = serde_json::to_vec(&value).expect("a Value always serializes");
+                self.raw.splice(span, text);
+                self.bytes_replaced = true;
+                return Ok(());
+            }
+        }
         let (last, parents) = members.split_last().expect("member paths are never empty");
         let mut node = self.doc_mut()?;
         for (depth, member) in parents.iter().enumerate() {
@@ -637,6 +652,31 @@ mod tests {
             String::from_utf8(body.take_changes().unwrap()).unwrap(),
             r#"{"a":2,"x":{"y":"z"}}"#
         );
+    }
+
+    #[test]
+    fn setting_an_existing_value_of_an_unparsed_body_keeps_every_other_byte() {
+        let text = "{ \"messages\" : [ {\"content\": \"h\\u00e9\"} ],\n  \"meta\": {\"model\" : \"a\" }, \"model\" :\t\"llama\" }";
+        let mut body = Body::new(text.as_bytes().to_vec());
+        body.set(&FieldPath::parse("model").unwrap(), json!("new \"one\""))
+            .unwrap();
+        body.set(&FieldPath::parse("$.meta.model").unwrap(), json!({"k": [1]}))
+            .unwrap();
+        let out = String::from_utf8(body.take_changes().unwrap()).unwrap();
+        assert_eq!(
+            out,
+            "{ \"messages\" : [ {\"content\": \"h\\u00e9\"} ],\n  \"meta\": {\"model\" : {\"k\":[1]} }, \"model\" :\t\"new \\\"one\\\"\" }"
+        );
+        // A duplicated key is refused rather than guessing which one a server would read.
+        let mut twice = Body::new(br#"{"model":"a","model":"b"}"#.to_vec());
+        assert!(matches!(
+            twice.set(&FieldPath::parse("model").unwrap(), json!("c")),
+            Err(JsonError::DuplicateKey(_))
+        ));
+        // An absent value still goes through the document.
+        let mut absent = Body::new(br#"{"a": 1}"#.to_vec());
+        absent.set(&FieldPath::parse("b").unwrap(), json!(2)).unwrap();
+        assert_eq!(absent.take_changes().unwrap(), br#"{"a":1,"b":2}"#);
     }
 
     #[test]
