@@ -160,6 +160,14 @@ fn refuse(status: u16, code: &str, message: String) -> Decision {
 }
 
 impl RequestValidator {
+    fn reads_document(&self) -> bool {
+        self.allowed_models.is_some()
+            || self.max_messages.is_some()
+            || self.max_prompt_chars.is_some()
+            || self.max_tokens.is_some()
+            || !self.allow_stream
+    }
+
     fn check_deadline(&self, ctx: &mut Context<'_>, doc_deadline: Option<Value>) -> Option<Decision> {
         let now = ctx.unix_time_nanos();
         let header = self.deadline_header.as_deref().and_then(|h| ctx.header(h));
@@ -195,6 +203,11 @@ impl Plugin for RequestValidator {
     fn on_request(&self, ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
         let invalid =
             |err: payload_processor_core::JsonError| PluginError::bad_request("invalid_json", err.to_string());
+        // Rules on the whole document need it parsed anyway: parse once up front so the field
+        // reads below use the tree instead of scanning the bytes again.
+        if self.reads_document() {
+            ctx.body().doc().map_err(invalid)?;
+        }
         // Deadlines first: the cheapest and the most final.
         let doc_deadline = match &self.deadline_field {
             Some(path) => ctx.body().get(path).map_err(invalid)?,
