@@ -20,6 +20,7 @@ use base64::Engine;
 use payload_processor_core::{BuildContext, ConfigError, Context, Counter, Decision, PhaseNeed, Plugin, PluginError};
 use serde::Deserialize;
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 use std::sync::Arc;
 
 /// Registry key.
@@ -108,9 +109,14 @@ fn decode_file(value: &str, fallback_type: &str) -> Option<(Vec<u8>, String)> {
         }
         None => (fallback_type.to_string(), value),
     };
-    let payload: String = payload.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    // Line-wrapped base64 (MIME style) is accepted; most payloads have no whitespace to strip.
+    let payload: Cow<'_, str> = if payload.bytes().any(|b| b.is_ascii_whitespace()) {
+        Cow::Owned(payload.chars().filter(|c| !c.is_ascii_whitespace()).collect())
+    } else {
+        Cow::Borrowed(payload)
+    };
     let bytes = base64::engine::general_purpose::STANDARD
-        .decode(&payload)
+        .decode(payload.as_bytes())
         .or_else(|_| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')))
         .ok()?;
     Some((bytes, content_type))
@@ -124,15 +130,22 @@ fn text_of(value: &Value) -> Option<String> {
     }
 }
 
-/// A boundary that appears nowhere in the parts (derived from their content, so no randomness).
-fn boundary_for(parts: &[u8]) -> String {
-    let mut seed: u64 = parts.len() as u64;
-    loop {
-        for byte in parts.iter().step_by(parts.len() / 64 + 1) {
+/// A boundary that appears in none of the parts (derived from their content, so no randomness).
+fn boundary_for(parts: &[&[u8]]) -> String {
+    let mut seed: u64 = parts.iter().map(|p| p.len() as u64).sum();
+    for part in parts {
+        for byte in part.iter().step_by(part.len() / 16 + 1) {
             seed = (seed ^ u64::from(*byte)).wrapping_mul(0x0000_0100_0000_01b3);
         }
+    }
+    free_boundary(seed, parts)
+}
+
+fn free_boundary(mut seed: u64, parts: &[&[u8]]) -> String {
+    loop {
         let boundary = format!("payload-processor-{seed:016x}");
-        if memchr::memmem::find(parts, boundary.as_bytes()).is_none() {
+        let finder = memchr::memmem::Finder::new(boundary.as_bytes());
+        if parts.iter().all(|part| finder.find(part).is_none()) {
             return boundary;
         }
         seed = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -150,15 +163,16 @@ enum Part {
 }
 
 fn encode(parts: &[Part]) -> (Vec<u8>, String) {
-    let mut raw = Vec::new();
-    for part in parts {
-        match part {
-            Part::Text(_, text) => raw.extend_from_slice(text.as_bytes()),
-            Part::File { bytes, .. } => raw.extend_from_slice(bytes),
-        }
-    }
-    let boundary = boundary_for(&raw);
-    let mut body = Vec::with_capacity(raw.len() + parts.len() * 128);
+    let contents: Vec<&[u8]> = parts
+        .iter()
+        .map(|part| match part {
+            Part::Text(_, text) => text.as_bytes(),
+            Part::File { bytes, .. } => bytes.as_slice(),
+        })
+        .collect();
+    let boundary = boundary_for(&contents);
+    let size: usize = contents.iter().map(|c| c.len()).sum();
+    let mut body = Vec::with_capacity(size + parts.len() * 128);
     for part in parts {
         body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
         match part {
@@ -242,16 +256,17 @@ impl Plugin for JsonToMultipart {
         let is_json = ctx
             .header("content-type")
             .is_some_and(|ct| ct.to_ascii_lowercase().starts_with("application/json"));
-        let object = match ctx.body().doc() {
+        let parts = match ctx.body().doc() {
             Ok(Value::Object(object)) if is_json && self.files.iter().any(|f| object.contains_key(&f.field)) => {
-                object.clone()
+                Some(self.parts(object))
             }
-            _ => {
-                ctx.increment(self.passed_through);
-                return Ok(Decision::Continue);
-            }
+            _ => None,
         };
-        let (body, boundary) = encode(&self.parts(&object)?);
+        let Some(parts) = parts else {
+            ctx.increment(self.passed_through);
+            return Ok(Decision::Continue);
+        };
+        let (body, boundary) = encode(&parts?);
         ctx.body().replace(body);
         ctx.set_header("content-type", &format!("multipart/form-data; boundary={boundary}"))?;
         ctx.increment(self.converted);
@@ -291,6 +306,23 @@ mod tests {
             vec![host.request_body.len().to_string()]
         );
         assert_eq!(host.counter(&chain, "processor.form.converted"), 1);
+    }
+
+    #[test]
+    fn wrapped_base64_is_read() {
+        let body = br#"{"file": "UklG\r\nRg==", "prompt": "hello"}"#;
+        let (host, _) = run_request_at("/v1/x", CHAIN, &[("content-type", "application/json")], body);
+        let text = String::from_utf8_lossy(&host.request_body).to_string();
+        assert!(text.contains("\r\n\r\nRIFF\r\n"), "{text}");
+    }
+
+    #[test]
+    fn a_boundary_found_in_a_part_is_never_used() {
+        let taken = super::free_boundary(7, &[b"x"]);
+        let content = format!("text with {taken} inside");
+        let chosen = super::free_boundary(7, &[b"x", content.as_bytes()]);
+        assert_ne!(chosen, taken);
+        assert!(!content.contains(&chosen));
     }
 
     #[test]
