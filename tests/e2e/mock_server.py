@@ -4,6 +4,7 @@ The JSON reply names the backend, echoes the request headers, the body's SHA-256
 (so tests prove byte-for-byte forwarding), and for chat requests looks like an OpenAI chat
 completion. Handles chunked request bodies. Listens on 127.0.0.1 only.
 """
+import base64
 import hashlib
 import json
 import threading
@@ -51,6 +52,8 @@ class _Handler(BaseHTTPRequestHandler):
             "body_sha256": hashlib.sha256(body).hexdigest(),
             "body_length": len(body),
             "body": body[:65536].decode("utf-8", "replace"),
+            # Binary bodies (multipart uploads) also come back exactly.
+            "body_base64": base64.b64encode(body[:65536]).decode(),
             "object": "chat.completion",
             "model": model,
             "choices": [{"index": 0, "finish_reason": "stop",
