@@ -225,6 +225,9 @@ impl Plugin for RequestValidator {
                 ));
             }
         }
+        if !self.reads_document() {
+            return Ok(Decision::Continue);
+        }
         let doc = ctx.body().doc().map_err(invalid)?;
         if let Some(allowed) = &self.allowed_models {
             let model = doc.get("model").and_then(Value::as_str).unwrap_or_default();
