@@ -6,14 +6,14 @@ cd "$(dirname "$0")/.."
 
 scripts/setup.sh
 cargo fmt --all -- --check
-cargo fmt --manifest-path bench/Cargo.toml -- --check
+cargo fmt --all --manifest-path bench/Cargo.toml -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # Core, plugins and the wasm adapter must also be clean for the wasm target.
 cargo clippy --target wasm32-wasip1 --locked -p payload-processor-core -p payload-processor-plugins \
   -p payload-processor-proxy-wasm -- -D warnings
 cargo test --workspace --locked
-# The benchmarks are not run here (scripts/bench_micro.sh does), but they must keep compiling.
-CARGO_TARGET_DIR=target/bench cargo clippy --manifest-path bench/Cargo.toml --all-targets --locked -- -D warnings
+# The benchmarks run elsewhere (scripts/bench_micro.sh, scripts/bench.sh), but must keep compiling.
+CARGO_TARGET_DIR=target/bench cargo clippy --manifest-path bench/Cargo.toml --workspace --all-targets --locked -- -D warnings
 cargo test --manifest-path examples/custom-plugin/Cargo.toml --target-dir target/example
 scripts/build.sh
 .venv/bin/python -m pytest tests/e2e -v -p no:cacheprovider "$@"
