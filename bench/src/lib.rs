@@ -1,8 +1,8 @@
 //! Shared pieces of the micro-benchmarks: request bodies of a given size in the shapes clients
 //! send, and one request run through a chain on the fake host.
 
-use payload_processor_core::testing::FakeHost;
-use payload_processor_core::{Chain, HeadersFlow, Stream};
+use payload_processor_core::testing::{run_request_phase, FakeHost};
+use payload_processor_core::{Chain, Stream};
 use serde_json::{json, Value};
 use std::sync::Arc;
 
@@ -94,10 +94,7 @@ impl Case {
 
     /// The request phase on `host`, as the filter runs it: headers, then the whole body.
     pub fn run(&self, host: &mut FakeHost) {
-        let mut stream = Stream::new(self.chain.clone());
-        if stream.on_request_headers(host, self.body.is_empty()) == HeadersFlow::WaitForBody {
-            stream.on_request_body(host, true);
-        }
+        run_request_phase(&mut Stream::new(self.chain.clone()), host);
     }
 
     /// Runs once and checks the request went on (no local reply), so a benchmark never

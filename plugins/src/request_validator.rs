@@ -283,8 +283,8 @@ impl Plugin for RequestValidator {
 
 #[cfg(test)]
 mod tests {
-    use payload_processor_core::testing::FakeHost;
-    use payload_processor_core::{Chain, HeadersFlow, Stream};
+    use payload_processor_core::testing::{run_request_phase, FakeHost};
+    use payload_processor_core::{Chain, Stream};
     use serde_json::{json, Value};
     use std::sync::Arc;
 
@@ -309,10 +309,7 @@ processors:
         let chain = Arc::new(Chain::load(CHAIN, &crate::builtin_registry()).unwrap());
         let mut host = FakeHost::request("/v1/chat/completions", headers, &serde_json::to_vec(&body).unwrap());
         host.unix_time_nanos = NOW * 1_000_000_000;
-        let mut stream = Stream::new(chain);
-        if stream.on_request_headers(&mut host, false) == HeadersFlow::WaitForBody {
-            stream.on_request_body(&mut host, true);
-        }
+        run_request_phase(&mut Stream::new(chain), &mut host);
         host.reply.map(|r| {
             assert_eq!(
                 r.headers

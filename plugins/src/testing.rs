@@ -1,7 +1,7 @@
 //! Helpers for the plugins' unit tests: run a chain over one request against the fake host.
 
-use payload_processor_core::testing::FakeHost;
-use payload_processor_core::{Chain, HeadersFlow, Stream};
+use payload_processor_core::testing::{run_request_phase, FakeHost};
+use payload_processor_core::{Chain, Stream};
 use serde_json::Value;
 use std::sync::Arc;
 
@@ -24,9 +24,6 @@ pub(crate) fn run_request_at(
 ) -> (FakeHost, Arc<Chain>) {
     let chain = Arc::new(Chain::load(chain_yaml, &crate::builtin_registry()).expect("test chain loads"));
     let mut host = FakeHost::request(path, headers, body);
-    let mut stream = Stream::new(chain.clone());
-    if stream.on_request_headers(&mut host, body.is_empty()) == HeadersFlow::WaitForBody {
-        stream.on_request_body(&mut host, true);
-    }
+    run_request_phase(&mut Stream::new(chain.clone()), &mut host);
     (host, chain)
 }

@@ -417,7 +417,7 @@ impl Plugin for TokenUsage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use payload_processor_core::testing::FakeHost;
+    use payload_processor_core::testing::{run_request_phase, FakeHost};
     use payload_processor_core::{BodyFlow, Chain, Direction, HeadersFlow, Stream};
     use serde_json::json;
 
@@ -517,9 +517,7 @@ mod tests {
         let body = serde_json::to_vec(&request).unwrap();
         let mut host = FakeHost::request(path, &[], &body);
         let mut stream = Stream::new(chain.clone());
-        if stream.on_request_headers(&mut host, false) == HeadersFlow::WaitForBody {
-            stream.on_request_body(&mut host, true);
-        }
+        run_request_phase(&mut stream, &mut host);
         host.response_headers
             .push(("content-type".into(), "text/event-stream".into()));
         assert_eq!(stream.on_response_headers(&mut host, false), HeadersFlow::WaitForBody);

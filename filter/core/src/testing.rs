@@ -170,3 +170,12 @@ impl Host for FakeHost {
         self.histograms.entry(id.0).or_default().push(value);
     }
 }
+
+/// Runs the request phase as the filter does when the whole request arrived at once: the
+/// headers (end of stream when there is no body), then the body if the chain buffers it.
+pub fn run_request_phase(stream: &mut crate::Stream, host: &mut FakeHost) {
+    let no_body = host.request_body.is_empty();
+    if stream.on_request_headers(host, no_body) == crate::HeadersFlow::WaitForBody {
+        stream.on_request_body(host, true);
+    }
+}
