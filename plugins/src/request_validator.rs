@@ -78,6 +78,8 @@ pub struct RequestValidator {
     deadline_header: Option<String>,
     deadline_field: Option<FieldPath>,
     margin_nanos: u64,
+    /// Some rule reads the whole document (decided at load).
+    reads_document: bool,
 }
 
 /// Factory.
@@ -98,7 +100,13 @@ pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugi
     if let Some(header) = &config.deadline_header {
         crate::body_field_to_header::validate_header_name(header, "deadlineHeader")?;
     }
+    let reads_document = config.allowed_models.is_some()
+        || config.max_messages.is_some()
+        || config.max_prompt_chars.is_some()
+        || config.max_tokens.is_some()
+        || !config.allow_stream;
     Ok(Arc::new(RequestValidator {
+        reads_document,
         required,
         allowed_models: config.allowed_models,
         max_messages: config.max_messages,
@@ -160,14 +168,6 @@ fn refuse(status: u16, code: &str, message: String) -> Decision {
 }
 
 impl RequestValidator {
-    fn reads_document(&self) -> bool {
-        self.allowed_models.is_some()
-            || self.max_messages.is_some()
-            || self.max_prompt_chars.is_some()
-            || self.max_tokens.is_some()
-            || !self.allow_stream
-    }
-
     fn check_deadline(&self, ctx: &mut Context<'_>, doc_deadline: Option<Value>) -> Option<Decision> {
         let now = ctx.unix_time_nanos();
         let header = self.deadline_header.as_deref().and_then(|h| ctx.header(h));
@@ -205,7 +205,7 @@ impl Plugin for RequestValidator {
             |err: payload_processor_core::JsonError| PluginError::bad_request("invalid_json", err.to_string());
         // Rules on the whole document need it parsed anyway: parse once up front so the field
         // reads below use the tree instead of scanning the bytes again.
-        if self.reads_document() {
+        if self.reads_document {
             ctx.body().doc().map_err(invalid)?;
         }
         // Deadlines first: the cheapest and the most final.
@@ -225,7 +225,7 @@ impl Plugin for RequestValidator {
                 ));
             }
         }
-        if !self.reads_document() {
+        if !self.reads_document {
             return Ok(Decision::Continue);
         }
         let doc = ctx.body().doc().map_err(invalid)?;
