@@ -158,7 +158,7 @@ def routes(extra_first=()):
     ]
 
 
-def variants(extproc_port):
+def variants():
     """name -> (http filters, extra routes, whether the client itself sends the model header)."""
     ext_proc = {
         "name": "envoy.filters.http.ext_proc",
@@ -373,7 +373,7 @@ def main():
             path.write_bytes(chat_body(SIZES[size], position == "last"))
             bodies.append((size, position, path))
     nginx = Nginx()
-    all_variants = variants(None)
+    all_variants = variants()
     chosen = args.variants.split(",") if args.variants else list(all_variants)
     rows = []
     try:
