@@ -6,9 +6,12 @@
 pub mod base_model_to_header;
 pub mod body_field_to_header;
 pub mod body_mutation;
+mod guard;
 pub mod json_to_multipart;
 pub mod mcp_router;
 pub mod model_rewrite;
+pub mod pii;
+pub mod pii_guard;
 pub mod prompt_decorator;
 pub mod request_validator;
 pub mod token_usage;
@@ -35,6 +38,7 @@ pub fn register_builtins(registry: &mut Registry) {
     register(request_validator::TYPE_NAME, request_validator::build);
     register(json_to_multipart::TYPE_NAME, json_to_multipart::build);
     register(mcp_router::TYPE_NAME, mcp_router::build);
+    register(pii_guard::TYPE_NAME, pii_guard::build);
 }
 
 /// A registry holding the built-in plugin types.

@@ -285,16 +285,19 @@ struct Scope<'b> {
     /// Set when the plugin changed a request header (the route cache must be cleared).
     request_headers_changed: Option<&'b mut bool>,
     headers_sent: bool,
+    /// Where events a plugin emits go (only while it handles a streamed response).
+    emitted: Option<&'b mut Vec<SseEvent>>,
 }
 
 impl<'b> Scope<'b> {
     /// A response event or end of stream: no body, no request headers to change.
-    fn response_event(body: &'b mut Body, headers_sent: bool) -> Self {
+    fn response_event(body: &'b mut Body, headers_sent: bool, emitted: &'b mut Vec<SseEvent>) -> Self {
         Scope {
             direction: Direction::Response,
             body,
             request_headers_changed: None,
             headers_sent,
+            emitted: Some(emitted),
         }
     }
 }
@@ -623,6 +626,7 @@ impl Stream {
                     body: &mut body,
                     request_headers_changed: Some(&mut request_headers_changed),
                     headers_sent: false,
+                    emitted: None,
                 },
                 |plugin, ctx| {
                     match direction {
@@ -660,6 +664,7 @@ impl Stream {
             body,
             request_headers_changed: changed_headers,
             headers_sent,
+            emitted,
         } = scope;
         let mut request_headers_changed = false;
         let chain = Arc::clone(&self.chain);
@@ -680,6 +685,7 @@ impl Stream {
                 state,
                 started_nanos,
                 headers_sent,
+                emitted,
             };
             call(processor.plugin.as_ref(), &mut ctx)
         }));
@@ -793,13 +799,13 @@ impl Stream {
                         continue;
                     }
                     stream.observe(&mut event);
-                    match self.run_event(host, &processors, &mut event, stream.started) {
-                        Verdict::Continue => stream.hold(event.to_bytes()),
-                        Verdict::Drop => {}
-                        Verdict::Stop(reply, details) => {
-                            stop = Some((reply, details));
-                            break;
-                        }
+                    let mut passed = Vec::new();
+                    stop = self.run_event(host, &processors, event, stream.started, &mut passed);
+                    for event in passed {
+                        stream.hold(event.to_bytes());
+                    }
+                    if stop.is_some() {
+                        break;
                     }
                 }
                 Ok(None) => break,
@@ -824,7 +830,11 @@ impl Stream {
             }
         }
         if stop.is_none() && end_of_stream && !stream.passthrough {
-            stop = self.run_stream_end(host, &processors, stream.started);
+            let mut passed = Vec::new();
+            stop = self.run_stream_end(host, &processors, stream.started, &mut passed);
+            for event in passed {
+                stream.hold(event.to_bytes());
+            }
         }
         stream.processors = processors;
         let mut out = Vec::new();
@@ -858,45 +868,65 @@ impl Stream {
         BodyFlow::Continue
     }
 
-    /// Runs the event processors on one event, in order.
+    /// Runs the event processors on one event, in order. Events a processor emits go through
+    /// the processors after it, ahead of the event; whatever survives lands in `out`, in order.
+    /// Returns the reply that stops the stream, if one did.
     fn run_event(
         &mut self,
         host: &mut dyn Host,
         processors: &[usize],
-        event: &mut SseEvent,
+        mut event: SseEvent,
         headers_sent: bool,
-    ) -> Verdict {
-        for &index in processors {
+        out: &mut Vec<SseEvent>,
+    ) -> Option<(LocalReply, String)> {
+        for (position, &index) in processors.iter().enumerate() {
+            let mut emitted = Vec::new();
             let verdict = self.invoke(
                 host,
                 index,
-                Scope::response_event(&mut Body::default(), headers_sent),
-                |plugin, ctx| plugin.on_response_event(ctx, event).map(Step::from),
+                Scope::response_event(&mut Body::default(), headers_sent, &mut emitted),
+                |plugin, ctx| plugin.on_response_event(ctx, &mut event).map(Step::from),
             );
-            match verdict {
-                Verdict::Continue => {}
-                other => return other,
+            if let Verdict::Stop(reply, details) = verdict {
+                return Some((reply, details));
+            }
+            for extra in emitted {
+                if let Some(stop) = self.run_event(host, &processors[position + 1..], extra, headers_sent, out) {
+                    return Some(stop);
+                }
+            }
+            if let Verdict::Drop = verdict {
+                return None;
             }
         }
-        Verdict::Continue
+        out.push(event);
+        None
     }
 
-    /// Tells the event processors the stream ended; the first rejection wins.
+    /// Tells the event processors the stream ended; the first rejection wins. Events they
+    /// emit go through the processors after them and land in `out`.
     fn run_stream_end(
         &mut self,
         host: &mut dyn Host,
         processors: &[usize],
         headers_sent: bool,
+        out: &mut Vec<SseEvent>,
     ) -> Option<(LocalReply, String)> {
-        for &index in processors {
+        for (position, &index) in processors.iter().enumerate() {
+            let mut emitted = Vec::new();
             let verdict = self.invoke(
                 host,
                 index,
-                Scope::response_event(&mut Body::default(), headers_sent),
+                Scope::response_event(&mut Body::default(), headers_sent, &mut emitted),
                 |plugin, ctx| plugin.on_stream_end(ctx).map(Step::from),
             );
             if let Verdict::Stop(reply, details) = verdict {
                 return Some((reply, details));
+            }
+            for extra in emitted {
+                if let Some(stop) = self.run_event(host, &processors[position + 1..], extra, headers_sent, out) {
+                    return Some(stop);
+                }
             }
         }
         None

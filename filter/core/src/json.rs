@@ -199,6 +199,97 @@ impl WritePath {
     }
 }
 
+/// A JSONPath that may select many values, for visiting them in place: member names, array
+/// indexes and wildcards (`$.messages[*].content`, `$.choices[*].message.content`). Filters,
+/// slices and descendant segments are refused.
+#[derive(Debug, Clone)]
+pub struct SelectPath {
+    text: String,
+    /// `None` is a wildcard: every member of an object, every element of an array.
+    steps: Vec<Option<Step>>,
+}
+
+impl SelectPath {
+    /// Parses a field name or a JSONPath of names, indexes and wildcards.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if text.is_empty() {
+            return Err("path must not be empty".into());
+        }
+        if !text.starts_with('$') {
+            return Ok(Self {
+                text: text.to_string(),
+                steps: vec![Some(Step::Member(text.to_string()))],
+            });
+        }
+        let query =
+            jsonpath_rust::parser::parse_json_path(text).map_err(|err| format!("invalid JSONPath {text:?}: {err}"))?;
+        let steps = query
+            .segments
+            .iter()
+            .map(|segment| match segment {
+                Segment::Selector(Selector::Name(name)) => Ok(Some(Step::Member(unquote(name)))),
+                Segment::Selector(Selector::Index(index)) => Ok(Some(Step::Index(*index))),
+                Segment::Selector(Selector::Wildcard) => Ok(None),
+                _ => Err(format!(
+                    "JSONPath {text:?}: only member names, indexes and [*] wildcards are supported here"
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if steps.is_empty() {
+            return Err(format!("JSONPath {text:?} selects the whole document; name a field"));
+        }
+        Ok(Self {
+            text: text.to_string(),
+            steps,
+        })
+    }
+
+    /// The path as configured.
+    pub fn describe(&self) -> &str {
+        &self.text
+    }
+
+    /// Calls `visit` on every value the path selects, in document order.
+    pub fn for_each<'v>(&self, doc: &'v Value, visit: &mut dyn FnMut(&'v Value)) {
+        fn walk<'v>(node: &'v Value, steps: &[Option<Step>], visit: &mut dyn FnMut(&'v Value)) {
+            let Some((step, rest)) = steps.split_first() else {
+                return visit(node);
+            };
+            match (step, node) {
+                (Some(step), _) => {
+                    if let Some(child) = step_into(node, step) {
+                        walk(child, rest, visit);
+                    }
+                }
+                (None, Value::Array(items)) => items.iter().for_each(|item| walk(item, rest, visit)),
+                (None, Value::Object(object)) => object.values().for_each(|item| walk(item, rest, visit)),
+                (None, _) => {}
+            }
+        }
+        walk(doc, &self.steps, visit);
+    }
+
+    /// Calls `visit` on every value the path selects, for editing, in document order.
+    pub fn for_each_mut(&self, doc: &mut Value, visit: &mut dyn FnMut(&mut Value)) {
+        fn walk(node: &mut Value, steps: &[Option<Step>], visit: &mut dyn FnMut(&mut Value)) {
+            let Some((step, rest)) = steps.split_first() else {
+                return visit(node);
+            };
+            match (step, node) {
+                (Some(step), node) => {
+                    if let Some(child) = step_into_mut(node, step) {
+                        walk(child, rest, visit);
+                    }
+                }
+                (None, Value::Array(items)) => items.iter_mut().for_each(|item| walk(item, rest, visit)),
+                (None, Value::Object(object)) => object.values_mut().for_each(|item| walk(item, rest, visit)),
+                (None, _) => {}
+            }
+        }
+        walk(doc, &self.steps, visit);
+    }
+}
+
 fn resolve_index(index: i64, len: usize) -> Option<usize> {
     let at = if index < 0 {
         len.checked_sub(usize::try_from(index.unsigned_abs()).ok()?)?

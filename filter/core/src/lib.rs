@@ -53,7 +53,7 @@ pub use engine::{BodyFlow, Chain, HeadersFlow, MetricDef, MetricKind, Stream};
 pub use error::ConfigError;
 pub use event_stream::Api;
 pub use host::{Direction, Host, MetricId};
-pub use json::{Body, FieldPath, JsonError, Step, WritePath};
+pub use json::{Body, FieldPath, JsonError, SelectPath, Step, WritePath};
 pub use plugin::{Context, Counter, Decision, EventDecision, LocalReply, PhaseNeed, Plugin, PluginError, StreamNeed};
 pub use registry::{BuildContext, BuildFn, PluginFactory, Registry, RegistryError};
 pub use sse::SseEvent;

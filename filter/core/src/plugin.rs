@@ -162,6 +162,8 @@ pub struct Context<'a> {
     pub(crate) started_nanos: u64,
     /// True when the headers of this direction already went out (later events of a stream).
     pub(crate) headers_sent: bool,
+    /// Events emitted while handling a streamed response.
+    pub(crate) emitted: Option<&'a mut Vec<SseEvent>>,
 }
 
 impl Context<'_> {
@@ -218,6 +220,22 @@ impl Context<'_> {
     fn note_header_change(&mut self) {
         if self.direction == Direction::Request {
             *self.request_headers_changed = true;
+        }
+    }
+
+    /// Adds an event to a streamed response: in [`Plugin::on_response_event`] it goes out
+    /// before the current event, in [`Plugin::on_stream_end`] after everything else. Either
+    /// way the processors after this one see it like any event. An error anywhere else.
+    pub fn emit_event(&mut self, event: SseEvent) -> Result<(), PluginError> {
+        match self.emitted.as_mut() {
+            Some(emitted) => {
+                emitted.push(event);
+                Ok(())
+            }
+            None => Err(PluginError::internal(
+                "not_a_stream",
+                "events can only be emitted while handling a streamed response",
+            )),
         }
     }
 

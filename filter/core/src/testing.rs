@@ -93,6 +93,11 @@ impl FakeHost {
             .collect()
     }
 
+    /// The request body as the engine left it, parsed as JSON.
+    pub fn request_json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.request_body).expect("the request body is JSON")
+    }
+
     /// Value of a counter by full metric name in `chain`.
     pub fn counter(&self, chain: &crate::Chain, name: &str) -> u64 {
         let id = chain
@@ -178,4 +183,27 @@ pub fn run_request_phase(stream: &mut crate::Stream, host: &mut FakeHost) {
     if stream.on_request_headers(host, no_body) == crate::HeadersFlow::WaitForBody {
         stream.on_request_body(host, true);
     }
+}
+
+/// Sends a streamed (`text/event-stream`) response through `stream` in chunks of `split`
+/// bytes, the last one ending the stream, and returns the bytes the client received. A
+/// local reply sent instead ends up in `host.reply`.
+pub fn run_streamed_response(stream: &mut crate::Stream, host: &mut FakeHost, body: &[u8], split: usize) -> Vec<u8> {
+    host.response_headers.push((":status".into(), "200".into()));
+    host.response_headers
+        .push(("content-type".into(), "text/event-stream".into()));
+    let mut client = Vec::new();
+    if stream.on_response_headers(host, false) == crate::HeadersFlow::Stop {
+        return client;
+    }
+    let chunks: Vec<&[u8]> = body.chunks(split.max(1)).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        host.response_body = chunk.to_vec();
+        match stream.on_response_body(host, i + 1 == chunks.len()) {
+            crate::BodyFlow::Continue => client.extend_from_slice(&host.response_body),
+            crate::BodyFlow::Stop => break,
+            crate::BodyFlow::Buffer | crate::BodyFlow::Hold => {}
+        }
+    }
+    client
 }

@@ -1,0 +1,121 @@
+//! Phone numbers: international (`+` or `00` then 8 to 15 digits) and the common national
+//! layouts (North American `(415) 555-0100`, `415.555.0100`, `1-800-555-0100`; European
+//! numbers with a leading trunk `0`), with an optional `x123` extension. A bare run of ten
+//! digits counts only without an order/invoice/account-style word or `#` just before it.
+
+use super::{digit_groups, number_runs, Entity, Recognizer};
+use std::ops::Range;
+
+/// Recognizes phone numbers.
+#[derive(Debug, Default)]
+pub struct Phone;
+
+/// Words that make a bare number an identifier rather than a phone number.
+const NOT_A_PHONE_BEFORE: &[&str] = &[
+    "order", "invoice", "account", "acct", "tracking", "ticket", "ref", "id", "no.", "number", "serial", "sku", "case",
+    "#",
+];
+
+fn looks_like_identifier(text: &str, start: usize) -> bool {
+    let mut from = start.saturating_sub(24);
+    while !text.is_char_boundary(from) {
+        from -= 1;
+    }
+    let before = text[from..start].to_ascii_lowercase();
+    let last_word = before
+        .trim_end_matches([' ', ':'])
+        .rsplit([' ', '\n', '\t', '(', ','])
+        .next()
+        .unwrap_or_default();
+    NOT_A_PHONE_BEFORE.iter().any(|word| last_word.ends_with(word))
+}
+
+fn national(candidate: &str, groups: &[usize]) -> bool {
+    let first = candidate.trim_start_matches('(').as_bytes()[0];
+    match groups {
+        [3, 3, 4] | [1, 3, 3, 4] => true,
+        [10] => true,
+        [11] => first == b'1' || first == b'0',
+        // European layouts: a trunk `0`, then 9 or 10 digits in groups of two or more.
+        _ => {
+            let total: usize = groups.iter().sum();
+            first == b'0' && (10..=11).contains(&total) && groups.iter().all(|g| *g >= 2) && groups.len() <= 4
+        }
+    }
+}
+
+impl Recognizer for Phone {
+    fn entity(&self) -> Entity {
+        Entity::Phone
+    }
+
+    fn find(&self, text: &str, found: &mut Vec<Range<usize>>) {
+        let bytes = text.as_bytes();
+        for run in number_runs(text, 7) {
+            let candidate = &text[run.clone()];
+            let groups = digit_groups(candidate);
+            let digits: usize = groups.iter().sum();
+            let separators: Vec<u8> = candidate
+                .bytes()
+                .filter(|b| !b.is_ascii_digit() && !matches!(b, b'+' | b'(' | b')'))
+                .collect();
+            // Dates and versions: slashes, or dots mixed with other separators.
+            if separators.contains(&b'/') || (separators.contains(&b'.') && separators.iter().any(|s| *s != b'.')) {
+                continue;
+            }
+            let ok = if candidate.starts_with('+') {
+                (8..=16).contains(&digits) && groups.len() <= 6
+            } else if candidate.starts_with("00") && groups.len() > 1 {
+                (10..=15).contains(&digits)
+            } else if groups.len() == 1 {
+                national(candidate, &groups) && !looks_like_identifier(text, run.start)
+            } else {
+                national(candidate, &groups)
+            };
+            if !ok {
+                continue;
+            }
+            // Take an extension along: `x1234`.
+            let mut end = run.end;
+            if bytes.get(end) == Some(&b'x') {
+                end += 1;
+                while end < bytes.len() && bytes[end].is_ascii_digit() {
+                    end += 1;
+                }
+            }
+            found.push(run.start..end);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pii::found;
+
+    #[test]
+    fn finds_common_layouts_and_skips_dates_orders_and_versions() {
+        let cases: &[(&str, &[&str])] = &[
+            ("call (591)341-7776 now", &["(591)341-7776"]),
+            ("at 206.269.0743x9150.", &["206.269.0743x9150"]),
+            ("+1-780-563-6083 or +14155550100", &["+1-780-563-6083", "+14155550100"]),
+            ("001-537-640-6812x415", &["001-537-640-6812x415"]),
+            ("mobile 5272868387", &["5272868387"]),
+            (
+                "+44(0)306 999 0495 and 0115 4960851",
+                &["+44(0)306 999 0495", "0115 4960851"],
+            ),
+            ("+33 3 27 22 54 18", &["+33 3 27 22 54 18"]),
+            ("order 5272868387", &[]),
+            ("invoice #5272868387", &[]),
+            ("on 2024-03-15 10:22:31", &[]),
+            ("12/25/2023 and 1.2.3.4", &[]),
+            ("version 10.4.2 build 2231", &[]),
+            ("pi is 3.14159265", &[]),
+            ("ssn 123-45-6789", &[]),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(&found(&Phone, text), expected, "{text}");
+        }
+    }
+}
