@@ -243,7 +243,7 @@ fn normalize(findings: &mut Vec<Finding>) {
     findings.sort_by_key(|f| (f.span.start, std::cmp::Reverse(f.span.end)));
     let mut last_end = None;
     findings.retain(|f| {
-        let keep = last_end.is_none_or(|end| f.span.start >= end) && !f.span.is_empty();
+        let keep = last_end.map_or(true, |end| f.span.start >= end) && !f.span.is_empty();
         if keep {
             last_end = Some(f.span.end);
         }

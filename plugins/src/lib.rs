@@ -13,6 +13,7 @@ pub mod model_rewrite;
 pub mod pii;
 pub mod pii_guard;
 pub mod prompt_decorator;
+pub mod prompt_guard;
 pub mod request_validator;
 pub mod token_usage;
 
@@ -39,6 +40,7 @@ pub fn register_builtins(registry: &mut Registry) {
     register(json_to_multipart::TYPE_NAME, json_to_multipart::build);
     register(mcp_router::TYPE_NAME, mcp_router::build);
     register(pii_guard::TYPE_NAME, pii_guard::build);
+    register(prompt_guard::TYPE_NAME, prompt_guard::build);
 }
 
 /// A registry holding the built-in plugin types.

@@ -54,11 +54,10 @@ fn known_issuer(digits: &[u8]) -> bool {
 }
 
 fn card_grouping(groups: &[usize]) -> bool {
-    match groups {
-        [_] => true,
-        [4, 4, 4, 4] | [4, 4, 4, 4, 3] | [4, 4, 4, 1] | [4, 6, 5] | [4, 6, 4] | [4, 4, 4, 2] | [4, 4, 4, 3] => true,
-        _ => false,
-    }
+    matches!(
+        groups,
+        [_] | [4, 4, 4, 4] | [4, 4, 4, 4, 3] | [4, 4, 4, 1] | [4, 6, 5] | [4, 6, 4] | [4, 4, 4, 2] | [4, 4, 4, 3]
+    )
 }
 
 impl Recognizer for CreditCard {
