@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="$PWD/target/bench"
-cargo bench --manifest-path bench/Cargo.toml --locked --bench engine_path -- "$@"
+cargo bench --manifest-path bench/Cargo.toml --locked --bench engine_path --bench guards -- "$@"
 python3 scripts/bench_micro.py "$CARGO_TARGET_DIR/criterion"

@@ -119,3 +119,44 @@ pub fn full_parse_model(body: &[u8]) -> Option<String> {
     let doc: Value = serde_json::from_slice(body).ok()?;
     doc.get("model")?.as_str().map(str::to_owned)
 }
+
+/// Prompt text of `len` bytes for the guard benchmarks: ordinary prose with numbers, dates and
+/// versions (the near misses recognizers must look at), and with `pii` one e-mail address,
+/// phone number and card number in every 4 KiB.
+pub fn guard_prompt_text(len: usize, pii: bool) -> String {
+    const CLEAN: &str = "In Q3 2024 revenue grew 12.5% to 4,210,000 USD; release v2.14.3 shipped on \
+                         2024-09-30 at 10:22 and order 58213377 is still open. Please summarise the \
+                         quarterly report, list the three largest risks and suggest next steps. ";
+    const PII: &str = "Contact jane.doe@example.com or (415) 555-0100, card 4111 1111 1111 1111. ";
+    let mut text = String::with_capacity(len + 256);
+    while text.len() < len {
+        if pii && text.len() % 4096 < CLEAN.len() && !text.is_empty() {
+            text.push_str(PII);
+        }
+        text.push_str(CLEAN);
+    }
+    text.truncate(len);
+    text
+}
+
+/// An OpenAI chat request whose user turn is [`guard_prompt_text`] of about `size` bytes.
+pub fn guard_chat_body(size: usize, pii: bool) -> Vec<u8> {
+    let body = json!({"model": "llama-3-8b", "messages": [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": guard_prompt_text(size.saturating_sub(150), pii)}]});
+    serde_json::to_vec(&body).expect("serializes")
+}
+
+/// The `prompt-guard` parameters of the speed target: 100 keywords, 20 regexes and the
+/// `prompt-injection` set.
+pub fn prompt_guard_target_parameters() -> String {
+    let keywords: Vec<String> = (0..100).map(|i| format!("'forbidden phrase {i}'")).collect();
+    let regexes: Vec<String> = (0..20)
+        .map(|i| format!("{{name: r{i}, regex: '\\bproject[-_ ]?{i}[a-z]{{2}}[0-9]{{4}}\\b', caseInsensitive: true}}"))
+        .collect();
+    format!(
+        "{{builtin: [prompt-injection], deny: [{{name: phrases, keywords: [{}], caseInsensitive: true}}, {}]}}",
+        keywords.join(", "),
+        regexes.join(", ")
+    )
+}

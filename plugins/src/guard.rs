@@ -549,6 +549,8 @@ impl<D: Detector> Guard<D> {
         let mut findings = Vec::new();
         let mut found = BTreeSet::new();
         let mut first_reject = None;
+        // Texts with findings (and the findings), in visiting order, for the masking pass.
+        let mut per_text: Vec<Option<(String, Vec<Finding>)>> = Vec::new();
         {
             let doc = ctx.body().doc().map_err(|err| {
                 PluginError::bad_request("invalid_json", format!("{} cannot inspect the body: {err}", self.name))
@@ -563,6 +565,8 @@ impl<D: Detector> Guard<D> {
                                 first_reject = Some(finding.rule);
                             }
                         }
+                        per_text
+                            .push((!findings.is_empty()).then(|| (text.to_string(), std::mem::take(&mut findings))));
                     })
                 });
             }
@@ -573,12 +577,20 @@ impl<D: Detector> Guard<D> {
             return Ok(Decision::Reject(self.reject_reply(rule)));
         }
         if outcome == Action::Mask {
+            // The same paths visit the same texts in the same order.
+            let mut per_text = per_text.into_iter();
             let doc = ctx.body().doc_mut().expect("parsed above");
             for path in paths {
                 path.for_each_mut(doc, &mut |value| {
                     each_text_mut(value, &mut |text| {
-                        self.scan(text, &mut findings);
-                        if !findings.is_empty() {
+                        let Some((scanned, mut findings)) = per_text.next().flatten() else {
+                            return;
+                        };
+                        // A text two paths select was already masked once: look at it afresh.
+                        if *text != scanned {
+                            self.scan(text, &mut findings);
+                        }
+                        if findings.iter().any(|f| self.rules[f.rule].action == Action::Mask) {
                             *text = self.masked(text, &findings);
                         }
                     })

@@ -22,7 +22,7 @@ use crate::guard::{
     guard_counters, Action, Detector, Finding, Guard, GuardDirection, GuardOptions, MaskConfig, Masking, RejectConfig,
     Rule, TextPathsConfig,
 };
-use crate::pii::{Entity, Recognizer};
+use crate::pii::{Entity, Recognizer, Text};
 use payload_processor_core::{BuildContext, ConfigError, Plugin};
 use regex::{Regex, RegexBuilder};
 use serde::Deserialize;
@@ -123,9 +123,11 @@ pub struct PiiDetector {
 impl Detector for PiiDetector {
     fn detect(&self, text: &str, findings: &mut Vec<Finding>) {
         let mut spans = Vec::new();
+        // Number runs are found once and shared by the recognizers that start from them.
+        let scan = Text::new(text);
         for (recognizer, rule) in &self.recognizers {
             spans.clear();
-            recognizer.find(text, &mut spans);
+            recognizer.find(&scan, &mut spans);
             findings.extend(spans.drain(..).map(|span| Finding { span, rule: *rule }));
         }
         for (regex, rule) in &self.custom {

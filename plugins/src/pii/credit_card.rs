@@ -1,7 +1,7 @@
 //! Payment card numbers: 13 to 19 digits, written plain or in groups of 4 (Amex 4-6-5,
 //! Diners 4-6-4), with a known issuer prefix, passing the Luhn check.
 
-use super::{digit_groups, digits_of, number_runs, Entity, Recognizer};
+use super::{digit_groups, digits_of, Entity, Recognizer, Text};
 use std::ops::Range;
 
 /// Recognizes payment card numbers.
@@ -65,8 +65,9 @@ impl Recognizer for CreditCard {
         Entity::CreditCard
     }
 
-    fn find(&self, text: &str, found: &mut Vec<Range<usize>>) {
-        for run in number_runs(text, 13) {
+    fn find(&self, scan: &Text<'_>, found: &mut Vec<Range<usize>>) {
+        let text = scan.as_str();
+        for run in scan.number_runs(13) {
             let candidate = text[run.clone()].trim_start_matches(['+', '(']);
             let start = run.end - candidate.len();
             // One separator kind only, and only spaces or dashes.

@@ -1,7 +1,7 @@
 //! E-mail addresses: every `@` is a candidate; the address around it must have a plausible
 //! local part and a domain of valid labels ending in an alphabetic top-level domain.
 
-use super::{Entity, Recognizer};
+use super::{Entity, Recognizer, Text};
 use std::ops::Range;
 
 /// Recognizes e-mail addresses.
@@ -32,7 +32,8 @@ impl Recognizer for Email {
         Entity::Email
     }
 
-    fn find(&self, text: &str, found: &mut Vec<Range<usize>>) {
+    fn find(&self, scan: &Text<'_>, found: &mut Vec<Range<usize>>) {
+        let text = scan.as_str();
         let bytes = text.as_bytes();
         let mut resume = 0;
         for at in memchr::memchr_iter(b'@', bytes) {

@@ -1,7 +1,7 @@
 //! International bank account numbers: a country code with its registered IBAN length, two
 //! check digits, then the account part, written plain or in groups of four; mod-97 must be 1.
 
-use super::{Entity, Recognizer};
+use super::{Entity, Recognizer, Text};
 use std::ops::Range;
 
 /// Recognizes IBANs.
@@ -9,6 +9,7 @@ use std::ops::Range;
 pub struct Iban;
 
 /// IBAN length per country (the SWIFT IBAN registry).
+#[rustfmt::skip]
 const LENGTHS: &[(&[u8; 2], usize)] = &[
     (b"AD", 24),
     (b"AE", 23),
@@ -125,21 +126,21 @@ impl Recognizer for Iban {
         Entity::Iban
     }
 
-    fn find(&self, text: &str, found: &mut Vec<Range<usize>>) {
+    fn find(&self, scan: &Text<'_>, found: &mut Vec<Range<usize>>) {
+        let text = scan.as_str();
         let bytes = text.as_bytes();
-        let mut at = 0;
         let mut compact = Vec::with_capacity(34);
-        while at + 4 <= bytes.len() {
-            // Candidates start with two capitals then two digits: look for the digits first.
-            let Some(offset) = bytes[at + 2..].iter().position(u8::is_ascii_digit) else {
-                break;
+        let mut resume = 0;
+        // Candidates are number runs glued to two capitals: `GB82 WEST ...`, `DE8937...`.
+        for run in scan.runs() {
+            let Some(start) = run.span.start.checked_sub(2) else {
+                continue;
             };
-            let start = at + offset;
-            at = start + 1;
-            if start + 4 > bytes.len()
+            if start < resume
+                || !run.glued_before
                 || !bytes[start].is_ascii_uppercase()
                 || !bytes[start + 1].is_ascii_uppercase()
-                || !bytes[start + 3].is_ascii_digit()
+                || !bytes.get(start + 3).is_some_and(u8::is_ascii_digit)
                 || (start > 0 && bytes[start - 1].is_ascii_alphanumeric())
             {
                 continue;
@@ -163,7 +164,7 @@ impl Recognizer for Iban {
             let boundary = end == bytes.len() || !bytes[end].is_ascii_alphanumeric();
             if compact.len() == length && boundary && mod97(&compact) {
                 found.push(start..end);
-                at = end;
+                resume = end;
             }
         }
     }

@@ -2,7 +2,7 @@
 //! as `v1.2.3.4` or part of a longer dotted number), and IPv6 in any form the standard
 //! library parses (compressed, mixed with IPv4), standing alone as a word.
 
-use super::{Entity, Recognizer};
+use super::{Entity, Recognizer, Text};
 use std::net::Ipv6Addr;
 use std::ops::Range;
 
@@ -25,29 +25,23 @@ fn is_word(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_'
 }
 
-fn find_ipv4(text: &str, found: &mut Vec<Range<usize>>) {
-    let bytes = text.as_bytes();
-    let mut at = 0;
-    while at < bytes.len() {
-        let Some(offset) = bytes[at..].iter().position(u8::is_ascii_digit) else {
-            return;
-        };
-        let start = at + offset;
-        let mut end = start;
-        while end < bytes.len() && (bytes[end].is_ascii_digit() || bytes[end] == b'.') {
-            end += 1;
+fn find_ipv4(scan: &Text<'_>, found: &mut Vec<Range<usize>>) {
+    let text = scan.as_str();
+    for run in scan.runs() {
+        if run.digits < 4 || run.glued_before || run.glued_after || !text[run.span.clone()].contains('.') {
+            continue;
         }
-        at = end;
-        let mut candidate_end = end;
-        // A sentence may end right after the address.
-        while candidate_end > start && bytes[candidate_end - 1] == b'.' {
-            candidate_end -= 1;
-        }
-        let before = start.checked_sub(1).map(|i| bytes[i]);
-        let glued =
-            before.is_some_and(|b| is_word(b) || b == b'.' || b == b'-') || bytes.get(end).is_some_and(|b| is_word(*b));
-        if !glued && ipv4(&text[start..candidate_end]) {
-            found.push(start..candidate_end);
+        // Separators other than dots split a run into candidates ("10.0.0.1-10.0.0.9").
+        let mut piece_start = run.span.start;
+        for (offset, b) in text[run.span.clone()].bytes().chain(std::iter::once(b' ')).enumerate() {
+            if b.is_ascii_digit() || b == b'.' {
+                continue;
+            }
+            let piece_end = run.span.start + offset;
+            if piece_end > piece_start && ipv4(&text[piece_start..piece_end]) {
+                found.push(piece_start..piece_end);
+            }
+            piece_start = piece_end + 1;
         }
     }
 }
@@ -88,9 +82,10 @@ impl Recognizer for IpAddress {
         Entity::IpAddress
     }
 
-    fn find(&self, text: &str, found: &mut Vec<Range<usize>>) {
+    fn find(&self, scan: &Text<'_>, found: &mut Vec<Range<usize>>) {
+        let text = scan.as_str();
         let from = found.len();
-        find_ipv4(text, found);
+        find_ipv4(scan, found);
         find_ipv6(text, found);
         // IPv4-mapped IPv6 contains an IPv4 address: keep the outer one.
         let mut spans: Vec<Range<usize>> = found.drain(from..).collect();

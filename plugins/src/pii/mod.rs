@@ -11,6 +11,7 @@ mod secret;
 mod us_ssn;
 
 use serde::Deserialize;
+use std::cell::OnceCell;
 use std::ops::Range;
 
 pub use credit_card::CreditCard;
@@ -85,60 +86,126 @@ pub trait Recognizer: Send + Sync {
     /// The kind of value found.
     fn entity(&self) -> Entity;
     /// Appends the byte ranges of the values found in `text`, in order, not overlapping.
-    fn find(&self, text: &str, found: &mut Vec<Range<usize>>);
+    fn find(&self, text: &Text<'_>, found: &mut Vec<Range<usize>>);
 }
 
-/// Maximal runs of "number-ish" text: digits with the separators phone, card and SSN formats
-/// use (space, `-`, `.`, `(`, `)`, `/`, a leading `+`), starting and ending on a digit (or a
-/// leading `+`/`(`), with at least `min_digits` digits. A single separator between digits
-/// is allowed; two in a row (other than `) ` or ` (`) end the run.
-pub(crate) fn number_runs(text: &str, min_digits: usize) -> impl Iterator<Item = Range<usize>> + '_ {
-    let bytes = text.as_bytes();
-    let mut at = 0;
-    std::iter::from_fn(move || {
-        while at < bytes.len() {
-            // Jump to the next digit: prose is mostly not digits.
-            let start_digit = at + bytes[at..].iter().position(u8::is_ascii_digit)?;
-            let mut start = start_digit;
-            if start > 0 && (bytes[start - 1] == b'+' || bytes[start - 1] == b'(') {
-                start -= 1;
-                if start > 0 && bytes[start] == b'(' && bytes[start - 1] == b'+' {
-                    start -= 1;
-                }
-            }
-            let mut end = start_digit;
-            let mut digits = 0;
-            let mut i = start_digit;
-            let mut separators_in_a_row = 0;
-            while i < bytes.len() {
-                let b = bytes[i];
-                if b.is_ascii_digit() {
-                    digits += 1;
-                    separators_in_a_row = 0;
-                    end = i + 1;
-                } else if matches!(b, b' ' | b'-' | b'.' | b'(' | b')' | b'/') {
-                    separators_in_a_row += 1;
-                    let paren_space = i > 0 && matches!((bytes[i - 1], b), (b')', b' ') | (b' ', b'('));
-                    if separators_in_a_row > 1 && !paren_space {
-                        break;
-                    }
-                } else {
-                    break;
-                }
-                i += 1;
-            }
-            at = i.max(start_digit + 1);
-            // A number glued to letters (`A1234`, `1234abc`) is an identifier, not a number.
-            let glued_before = start > 0 && bytes[start - 1].is_ascii_alphanumeric();
-            // ... except a phone extension (`555-0100x12`), which the phone recognizer reads.
-            let extension = bytes.get(end) == Some(&b'x') && bytes.get(end + 1).is_some_and(u8::is_ascii_digit);
-            let glued_after = end < bytes.len() && bytes[end].is_ascii_alphabetic() && !extension;
-            if digits >= min_digits && !glued_before && !glued_after {
-                return Some(start..end);
+/// A text being scanned, with what several recognizers need computed once and shared: the
+/// runs of digits (phone, card, SSN, IPv4 and IBAN candidates all start there).
+pub struct Text<'t> {
+    text: &'t str,
+    runs: OnceCell<Vec<NumberRun>>,
+}
+
+/// A maximal run of "number-ish" text: digits with the separators phone, card and SSN
+/// formats use (space, `-`, `.`, `(`, `)`, `/`, a leading `+`), starting (but for a leading
+/// `+`/`(`) and ending on a digit. A single separator between digits is allowed; two in a row
+/// (other than `) ` or ` (`) end the run.
+#[derive(Debug, Clone)]
+pub(crate) struct NumberRun {
+    pub(crate) span: Range<usize>,
+    pub(crate) digits: usize,
+    /// A letter or digit sits right before (`A1234`, `GB82 ...`).
+    pub(crate) glued_before: bool,
+    /// A letter sits right after (`1234abc`), other than a phone extension (`x12`).
+    pub(crate) glued_after: bool,
+}
+
+impl<'t> Text<'t> {
+    /// Wraps `text` for scanning.
+    pub fn new(text: &'t str) -> Self {
+        Self {
+            text,
+            runs: OnceCell::new(),
+        }
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &'t str {
+        self.text
+    }
+
+    /// Every number run, computed on first use.
+    pub(crate) fn runs(&self) -> &[NumberRun] {
+        self.runs.get_or_init(|| scan_number_runs(self.text))
+    }
+
+    /// Runs with at least `min_digits` digits, not glued to letters.
+    pub(crate) fn number_runs(&self, min_digits: usize) -> impl Iterator<Item = Range<usize>> + '_ {
+        self.runs()
+            .iter()
+            .filter(move |run| run.digits >= min_digits && !run.glued_before && !run.glued_after)
+            .map(|run| run.span.clone())
+    }
+}
+
+/// Position of the next ASCII digit at or after `from`: eight bytes at a time, since most
+/// prose has no digits.
+fn next_digit(bytes: &[u8], from: usize) -> Option<usize> {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let mut at = from;
+    while at + 8 <= bytes.len() {
+        let word = u64::from_le_bytes(bytes[at..at + 8].try_into().expect("eight bytes"));
+        // After xor with '0' digits are the bytes below 10; this test flags every word that
+        // has one (it may also flag a word without, which the bytewise look then skips).
+        let shifted = word ^ (0x30 * ONES);
+        let below_ten = shifted.wrapping_sub(10 * ONES) & !shifted & HIGHS;
+        if below_ten != 0 {
+            if let Some(offset) = bytes[at..at + 8].iter().position(u8::is_ascii_digit) {
+                return Some(at + offset);
             }
         }
-        None
-    })
+        at += 8;
+    }
+    bytes[at..]
+        .iter()
+        .position(u8::is_ascii_digit)
+        .map(|offset| at + offset)
+}
+
+fn scan_number_runs(text: &str) -> Vec<NumberRun> {
+    let bytes = text.as_bytes();
+    let mut runs = Vec::new();
+    let mut at = 0;
+    while let Some(start_digit) = next_digit(bytes, at) {
+        let mut start = start_digit;
+        if start > 0 && (bytes[start - 1] == b'+' || bytes[start - 1] == b'(') {
+            start -= 1;
+            if start > 0 && bytes[start] == b'(' && bytes[start - 1] == b'+' {
+                start -= 1;
+            }
+        }
+        let mut end = start_digit;
+        let mut digits = 0;
+        let mut i = start_digit;
+        let mut separators_in_a_row = 0;
+        while i < bytes.len() {
+            let b = bytes[i];
+            if b.is_ascii_digit() {
+                digits += 1;
+                separators_in_a_row = 0;
+                end = i + 1;
+            } else if matches!(b, b' ' | b'-' | b'.' | b'(' | b')' | b'/') {
+                separators_in_a_row += 1;
+                let paren_space = matches!((bytes[i - 1], b), (b')', b' ') | (b' ', b'('));
+                if separators_in_a_row > 1 && !paren_space {
+                    break;
+                }
+            } else {
+                break;
+            }
+            i += 1;
+        }
+        at = i.max(start_digit + 1);
+        let extension = bytes.get(end) == Some(&b'x') && bytes.get(end + 1).is_some_and(u8::is_ascii_digit);
+        runs.push(NumberRun {
+            span: start..end,
+            digits,
+            glued_before: start > 0 && bytes[start - 1].is_ascii_alphanumeric(),
+            glued_after: end < bytes.len() && bytes[end].is_ascii_alphabetic() && !extension,
+        });
+    }
+    runs
 }
 
 /// The digits of `text`, as numbers.
@@ -157,7 +224,7 @@ pub(crate) fn digit_groups(text: &str) -> Vec<usize> {
 #[cfg(test)]
 pub(crate) fn found<'t>(recognizer: &dyn Recognizer, text: &'t str) -> Vec<&'t str> {
     let mut spans = Vec::new();
-    recognizer.find(text, &mut spans);
+    recognizer.find(&Text::new(text), &mut spans);
     spans.into_iter().map(|span| &text[span]).collect()
 }
 
@@ -168,7 +235,33 @@ mod tests {
     #[test]
     fn number_runs_stop_at_letters_and_double_separators() {
         let text = "call (415) 555-0100 or +44 20 7946 0958, order A12345, 2024-03-15  10:22";
-        let runs: Vec<&str> = number_runs(text, 3).map(|span| &text[span]).collect();
+        let scan = Text::new(text);
+        let runs: Vec<&str> = scan.number_runs(3).map(|span| &text[span]).collect();
         assert_eq!(runs, vec!["(415) 555-0100", "+44 20 7946 0958", "2024-03-15"]);
+    }
+}
+
+#[cfg(test)]
+mod digit_search_tests {
+    use super::next_digit;
+
+    #[test]
+    fn finds_the_first_digit_at_every_position() {
+        for len in 0..40 {
+            for digit_at in 0..=len {
+                let mut text = vec![b'a'; len];
+                // Bytes next to '0'..'9' in the table must not count.
+                for (i, b) in text.iter_mut().enumerate() {
+                    if i % 3 == 0 {
+                        *b = if i % 2 == 0 { b'/' } else { b':' };
+                    }
+                }
+                let expected = (digit_at < len).then(|| {
+                    text[digit_at] = b'7';
+                    digit_at
+                });
+                assert_eq!(next_digit(&text, 0), expected, "len {len} digit at {digit_at}");
+            }
+        }
     }
 }

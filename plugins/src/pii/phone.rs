@@ -3,7 +3,7 @@
 //! numbers with a leading trunk `0`), with an optional `x123` extension. A bare run of ten
 //! digits counts only without an order/invoice/account-style word or `#` just before it.
 
-use super::{digit_groups, number_runs, Entity, Recognizer};
+use super::{digit_groups, Entity, Recognizer, Text};
 use std::ops::Range;
 
 /// Recognizes phone numbers.
@@ -49,9 +49,10 @@ impl Recognizer for Phone {
         Entity::Phone
     }
 
-    fn find(&self, text: &str, found: &mut Vec<Range<usize>>) {
+    fn find(&self, scan: &Text<'_>, found: &mut Vec<Range<usize>>) {
+        let text = scan.as_str();
         let bytes = text.as_bytes();
-        for run in number_runs(text, 7) {
+        for run in scan.number_runs(7) {
             let candidate = &text[run.clone()];
             let groups = digit_groups(candidate);
             let digits: usize = groups.iter().sum();

@@ -3,7 +3,7 @@
 //! literal automaton finds every known prefix in a single pass; each hit is then checked
 //! against the full format, anchored where the prefix starts.
 
-use super::{Entity, Recognizer};
+use super::{Entity, Recognizer, Text};
 use aho_corasick::{AhoCorasick, MatchKind};
 use regex::Regex;
 use std::ops::Range;
@@ -68,7 +68,8 @@ impl Recognizer for Secret {
         Entity::Secret
     }
 
-    fn find(&self, text: &str, found: &mut Vec<Range<usize>>) {
+    fn find(&self, scan: &Text<'_>, found: &mut Vec<Range<usize>>) {
+        let text = scan.as_str();
         let bytes = text.as_bytes();
         let mut resume = 0;
         for hit in self.prefixes.find_iter(text) {

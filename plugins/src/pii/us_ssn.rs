@@ -1,7 +1,7 @@
 //! US social security numbers written `AAA-GG-SSSS` or `AAA GG SSSS`, excluding numbers the
 //! SSA never issues: area 000, 666 or 900-999, group 00, serial 0000.
 
-use super::{digit_groups, number_runs, Entity, Recognizer};
+use super::{digit_groups, Entity, Recognizer, Text};
 use std::ops::Range;
 
 /// Recognizes US social security numbers.
@@ -13,8 +13,9 @@ impl Recognizer for UsSsn {
         Entity::UsSsn
     }
 
-    fn find(&self, text: &str, found: &mut Vec<Range<usize>>) {
-        for run in number_runs(text, 9) {
+    fn find(&self, scan: &Text<'_>, found: &mut Vec<Range<usize>>) {
+        let text = scan.as_str();
+        for run in scan.number_runs(9) {
             let candidate = &text[run.clone()];
             if digit_groups(candidate) != [3, 2, 4] || !candidate.as_bytes()[0].is_ascii_digit() {
                 continue;

@@ -1,0 +1,85 @@
+//! Guard speed: MB/s of each PII recognizer on its own, and requests through the engine with
+//! `pii-guard` (all recognizers), `prompt-guard` (100 keywords, 20 regexes, the injection set)
+//! and both, on 1, 16 and 256 KiB prompts. The target: both guards on a 16 KiB prompt in under
+//! 50 µs on one core. `scripts/bench_micro.sh` prints the table.
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use payload_processor_bench::{guard_chat_body, guard_prompt_text, prompt_guard_target_parameters, Case, SIZES};
+use payload_processor_plugins::pii::{Entity, Text};
+use std::hint::black_box;
+use std::time::Duration;
+
+const JSON: (&str, &str) = ("content-type", "application/json");
+
+fn guards(c: &mut Criterion) {
+    let prompt_guard = format!(
+        "  - name: prompt\n    type: prompt-guard\n    parameters: {}\n",
+        prompt_guard_target_parameters()
+    );
+    let pii_guard = "  - name: pii\n    type: pii-guard\n    parameters: {action: Mask}\n";
+    let part = |parameters: &str| {
+        format!("processors:\n  - name: part\n    type: prompt-guard\n    parameters: {parameters}\n")
+    };
+    let keywords: Vec<String> = (0..100).map(|i| format!("'forbidden phrase {i}'")).collect();
+    let chains = [
+        ("prompt_guard_part/injection_set", part("{builtin: [prompt-injection]}")),
+        (
+            "prompt_guard_part/100_keywords",
+            part(&format!(
+                "{{deny: [{{name: k, keywords: [{}], caseInsensitive: true}}]}}",
+                keywords.join(", ")
+            )),
+        ),
+        (
+            "prompt_guard_part/20_regexes",
+            part(&format!(
+                "{{deny: [{}]}}",
+                (0..20)
+                    .map(|i| format!(
+                        "{{name: r{i}, regex: '\\bproject[-_ ]?{i}[a-z]{{2}}[0-9]{{4}}\\b', caseInsensitive: true}}"
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        ),
+        ("pii_guard", format!("processors:\n{pii_guard}")),
+        ("prompt_guard", format!("processors:\n{prompt_guard}")),
+        (
+            "pii_and_prompt_guard",
+            format!("processors:\n{pii_guard}{prompt_guard}"),
+        ),
+    ];
+    for (label, size) in SIZES {
+        let mut group = c.benchmark_group(format!("guards/{label}"));
+        group.throughput(Throughput::Bytes(size as u64));
+        let text = guard_prompt_text(size, true);
+        for entity in Entity::ALL {
+            let recognizer = entity.recognizer();
+            let mut found = Vec::new();
+            group.bench_function(format!("recognizer/{}", entity.name()), |b| {
+                b.iter(|| {
+                    found.clear();
+                    recognizer.find(&Text::new(black_box(&text)), &mut found);
+                    found.len()
+                })
+            });
+        }
+        for (name, yaml) in &chains {
+            for (variant, pii) in [("clean", false), ("with_pii", true)] {
+                let case = Case::new(yaml, "/v1/chat/completions", &[JSON], guard_chat_body(size, pii));
+                case.check();
+                group.bench_function(format!("{name}/{variant}"), |b| {
+                    b.iter_batched_ref(|| case.host(), |host| case.run(host), BatchSize::SmallInput)
+                });
+            }
+        }
+        group.finish();
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(1));
+    targets = guards
+}
+criterion_main!(benches);
