@@ -3,6 +3,9 @@ and Anthropic (messages) wire formats, buffered JSON or streamed SSE. Listens on
 
 Request headers steer it, so tests and clients (via extra headers) choose per request:
   x-mock-reply: the text to generate (one streamed event per word), percent-encoded UTF-8
+  x-mock-token-chars: N streams N characters per event instead of a word (with
+                x-mock-token-offset: K the first event carries K characters), so a value in the
+                reply can be split across events at any position
   x-mock-split: `every-byte` writes the stream one byte per chunk (splitting events, `data:`,
                 CRLF pairs and UTF-8 characters); a number N writes chunks of N bytes
   x-mock-delay-ms: pause before each streamed event
@@ -69,6 +72,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.requests.append(record)
         reply = unquote(self.headers.get("x-mock-reply", "")) or DEFAULT_REPLY
         words = tokens(reply)
+        if self.headers.get("x-mock-token-chars"):
+            size = int(self.headers["x-mock-token-chars"])
+            first = int(self.headers.get("x-mock-token-offset", size)) or size
+            words = [reply[:first]] + [reply[i:i + size] for i in range(first, len(reply), size)]
         model = body.get("model") or "mock-model"
         stream = body.get("stream") is True
         prompt = prompt_tokens(body)

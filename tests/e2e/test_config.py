@@ -4,6 +4,15 @@ import pytest
 from harness import DIST, Envoy, bootstrap, cluster, processor_filter
 
 BAD_CONFIGS = [
+    ("pii-guard-unknown-entity", "processors: [{name: a, type: pii-guard, parameters: {entities: [email, passport]}}]",
+     "processors[0].parameters.entities[1]: unknown variant `passport`"),
+    ("pii-guard-invalid-regex",
+     "processors: [{name: a, type: pii-guard, parameters: {customPatterns: [{name: x, regex: 'a(b'}]}}]",
+     "processors[0].parameters.customPatterns[0].regex: regex parse error"),
+    ("prompt-guard-invalid-regex", "processors: [{name: a, type: prompt-guard, parameters: {deny: [{name: x, regex: '[z-a]'}]}}]",
+     "processors[0].parameters.deny[0].regex: regex parse error"),
+    ("prompt-guard-empty-keywords", "processors: [{name: a, type: prompt-guard, parameters: {deny: [{name: x, keywords: []}]}}]",
+     "processors[0].parameters.deny[0].keywords: the keyword list is empty"),
     ("unknown-type", "processors: [{name: a, type: no-such-plugin}]",
      'processors[0].type: unknown plugin type "no-such-plugin"; known types: base-model-to-header, body-field-to-header'),
     ("unknown-field", "processors: [{name: a, type: body-field-to-header, parameters: {feildName: model}}]",
