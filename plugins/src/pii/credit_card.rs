@@ -39,10 +39,10 @@ fn known_issuer(digits: &[u8]) -> bool {
         5 => (51..=55).contains(&prefix(2)) && len == 16,     // Mastercard
         2 => (2221..=2720).contains(&prefix(4)) && len == 16, // Mastercard 2-series
         3 => match prefix(2) {
-            34 | 37 => len == 15,                                                 // Amex
-            36 | 38 | 39 => (14..=19).contains(&len),                             // Diners
-            35 => (3528..=3589).contains(&prefix(4)) && (16..=19).contains(&len), // JCB
-            30 => (300..=305).contains(&prefix(3)) && (14..=19).contains(&len),   // Diners
+            34 | 37 => len == 15,                                               // Amex
+            36 | 38 | 39 => (14..=19).contains(&len),                           // Diners
+            35 => (16..=19).contains(&len),                                     // JCB
+            30 => (300..=305).contains(&prefix(3)) && (14..=19).contains(&len), // Diners
             _ => false,
         },
         6 => {

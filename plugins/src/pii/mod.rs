@@ -187,7 +187,7 @@ fn scan_number_runs(text: &str) -> Vec<NumberRun> {
                 end = i + 1;
             } else if matches!(b, b' ' | b'-' | b'.' | b'(' | b')' | b'/') {
                 separators_in_a_row += 1;
-                let paren_space = matches!((bytes[i - 1], b), (b')', b' ') | (b' ', b'('));
+                let paren_space = matches!((bytes[i - 1], b), (b')', b' ' | b'-') | (b' ', b'('));
                 if separators_in_a_row > 1 && !paren_space {
                     break;
                 }

@@ -11,17 +11,26 @@ use std::ops::Range;
 pub struct Phone;
 
 /// Words that make a bare number an identifier rather than a phone number.
+#[rustfmt::skip]
 const NOT_A_PHONE_BEFORE: &[&str] = &[
-    "order", "invoice", "account", "acct", "tracking", "ticket", "ref", "id", "no.", "number", "serial", "sku", "case",
-    "#",
+    "order", "invoice", "account", "acct", "tracking", "ticket", "ref", "id", "no.", "serial", "sku", "case", "#",
 ];
 
-fn looks_like_identifier(text: &str, start: usize) -> bool {
+/// Words that make a bare number a phone number.
+const PHONE_CONTEXT: &[&str] = &[
+    "phone", "tel", "mobile", "cell", "call", "fax", "whatsapp", "sms", "text me",
+];
+
+/// The lower-cased text just before `start`.
+fn words_before(text: &str, start: usize) -> String {
     let mut from = start.saturating_sub(24);
     while !text.is_char_boundary(from) {
         from -= 1;
     }
-    let before = text[from..start].to_ascii_lowercase();
+    text[from..start].to_ascii_lowercase()
+}
+
+fn looks_like_identifier(before: &str) -> bool {
     let last_word = before
         .trim_end_matches([' ', ':'])
         .rsplit([' ', '\n', '\t', '(', ','])
@@ -39,7 +48,7 @@ fn national(candidate: &str, groups: &[usize]) -> bool {
         // European layouts: a trunk `0`, then 9 or 10 digits in groups of two or more.
         _ => {
             let total: usize = groups.iter().sum();
-            first == b'0' && (10..=11).contains(&total) && groups.iter().all(|g| *g >= 2) && groups.len() <= 4
+            first == b'0' && (10..=11).contains(&total) && groups.iter().all(|g| *g >= 2) && groups.len() <= 5
         }
     }
 }
@@ -65,11 +74,14 @@ impl Recognizer for Phone {
                 continue;
             }
             let ok = if candidate.starts_with('+') {
-                (8..=16).contains(&digits) && groups.len() <= 6
-            } else if candidate.starts_with("00") && groups.len() > 1 {
+                (8..=16).contains(&digits) && groups.len() <= 8
+            } else if candidate.trim_start_matches('(').starts_with("00") && groups.len() > 1 {
                 (10..=15).contains(&digits)
             } else if groups.len() == 1 {
-                national(candidate, &groups) && !looks_like_identifier(text, run.start)
+                let before = words_before(text, run.start);
+                // A bare number is a phone number by its length, or by what is said before it.
+                let in_context = PHONE_CONTEXT.iter().any(|word| before.contains(word)) && (9..=12).contains(&digits);
+                in_context || (national(candidate, &groups) && !looks_like_identifier(&before))
             } else {
                 national(candidate, &groups)
             };
@@ -102,6 +114,15 @@ mod tests {
             ("+1-780-563-6083 or +14155550100", &["+1-780-563-6083", "+14155550100"]),
             ("001-537-640-6812x415", &["001-537-640-6812x415"]),
             ("mobile 5272868387", &["5272868387"]),
+            (
+                "phone number 33446877791 and (036)-4328977",
+                &["33446877791", "(036)-4328977"],
+            ),
+            (
+                "via +33 (0)4 22 70 12 06 or 01 81 44 11 17",
+                &["+33 (0)4 22 70 12 06", "01 81 44 11 17"],
+            ),
+            ("Ortiz (001-570-579-8302x0541) asked", &["(001-570-579-8302x0541"]),
             (
                 "+44(0)306 999 0495 and 0115 4960851",
                 &["+44(0)306 999 0495", "0115 4960851"],

@@ -16,7 +16,9 @@ impl Recognizer for UsSsn {
     fn find(&self, scan: &Text<'_>, found: &mut Vec<Range<usize>>) {
         let text = scan.as_str();
         for run in scan.number_runs(9) {
-            let candidate = &text[run.clone()];
+            // `(123-45-6789)`: the run starts at the parenthesis.
+            let candidate = text[run.clone()].trim_start_matches('(');
+            let start = run.end - candidate.len();
             if digit_groups(candidate) != [3, 2, 4] || !candidate.as_bytes()[0].is_ascii_digit() {
                 continue;
             }
@@ -30,7 +32,7 @@ impl Recognizer for UsSsn {
             if area == 0 || area == 666 || area >= 900 || group == 0 || serial == 0 {
                 continue;
             }
-            found.push(run);
+            found.push(start..run.end);
         }
     }
 }
@@ -45,6 +47,7 @@ mod tests {
         let cases: &[(&str, &[&str])] = &[
             ("ssn 259-09-7319.", &["259-09-7319"]),
             ("012 51 5549", &["012 51 5549"]),
+            ("Seth (215-37-2970) asked", &["215-37-2970"]),
             ("000-12-3456 666-12-3456 912-12-3456", &[]),
             ("123-00-4567 123-45-0000", &[]),
             ("123-45 6789 and 123456789", &[]),
