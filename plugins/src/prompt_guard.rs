@@ -15,8 +15,7 @@
 //!       - { name: security-training, keywords: [phishing simulation] }
 //! ```
 //! All keywords of all rules are compiled into one automaton per case mode and found in a
-//! single pass; regexes are first run together as a set, and only the ones that matched are
-//! run again to locate their matches. Keywords match whole words unless `wholeWords: false`.
+//! single pass; all deny regexes are one alternation searched once (allow regexes another). Keywords match whole words unless `wholeWords: false`.
 //! A deny finding that overlaps an allow match is dropped (an allowed phrase wins over the
 //! keywords inside it).
 //!
@@ -31,7 +30,7 @@ use crate::guard::{
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 use base64::Engine as _;
 use payload_processor_core::{BuildContext, ConfigError, Plugin};
-use regex::{Regex, RegexBuilder, RegexSet};
+use regex::{Regex, RegexBuilder};
 use serde::Deserialize;
 use serde_json::Value;
 use std::sync::Arc;
@@ -422,12 +421,58 @@ fn encoded_instruction(text: &str) -> Option<std::ops::Range<usize>> {
     None
 }
 
+/// Many rule regexes as one alternation: a single search with the regex crate's literal
+/// prefilters (a `RegexSet` has none, nor does a capturing search: both were 20x slower on
+/// prose), then the rule is the first whose own regex, searched from the same place with the
+/// same context, finds the same text. Where two rules' matches would overlap, the first wins.
+struct CombinedRegex {
+    regex: Regex,
+    /// Each rule's regex alone, and the rule.
+    rules: Vec<(Regex, usize)>,
+}
+
+impl CombinedRegex {
+    /// `rules`: each rule's pattern (flags inlined) and the rule.
+    fn build(rules: &[(String, usize)]) -> Result<Option<Self>, regex::Error> {
+        if rules.is_empty() {
+            return Ok(None);
+        }
+        let parts: Vec<String> = rules.iter().map(|(source, _)| format!("(?:{source})")).collect();
+        let regex = RegexBuilder::new(&parts.join("|")).size_limit(32 << 20).build()?;
+        let rules = rules
+            .iter()
+            .map(|(source, rule)| Ok((Regex::new(source)?, *rule)))
+            .collect::<Result<_, regex::Error>>()?;
+        Ok(Some(Self { regex, rules }))
+    }
+
+    fn find(&self, text: &str, out: &mut Vec<Finding>) {
+        for found in self.regex.find_iter(text) {
+            // The alternation takes the first alternative matching at the leftmost place, so
+            // the first rule that matches from there, with the same context, is the one.
+            let rule = self
+                .rules
+                .iter()
+                .find(|(alone, _)| {
+                    alone
+                        .find_at(text, found.start())
+                        .is_some_and(|m| m.start() == found.start())
+                })
+                .map_or(self.rules[0].1, |(_, rule)| *rule);
+            out.push(Finding {
+                span: found.range(),
+                rule,
+            });
+        }
+    }
+}
+
 /// Keyword automata (one per case mode), regexes, the injection set and allow rules.
 pub struct PromptDetector {
     /// Keyword automata with, per pattern, its rule and whether it must match whole words.
     keywords: Vec<(AhoCorasick, Vec<(usize, bool)>)>,
-    regex_set: Option<RegexSet>,
-    regexes: Vec<(Regex, usize)>,
+    /// Deny and allow regexes, each list as one alternation.
+    regexes: Vec<CombinedRegex>,
     injection: Option<Injection>,
     /// Indexes of the allow rules; every other rule is a deny rule.
     allow: std::ops::Range<usize>,
@@ -455,14 +500,8 @@ impl Detector for PromptDetector {
                 }
             }
         }
-        if let Some(set) = &self.regex_set {
-            for index in set.matches(text).into_iter() {
-                let (regex, rule) = &self.regexes[index];
-                raw.extend(regex.find_iter(text).map(|m| Finding {
-                    span: m.range(),
-                    rule: *rule,
-                }));
-            }
+        for combined in &self.regexes {
+            combined.find(text, &mut raw);
         }
         if let Some(injection) = &self.injection {
             injection.detect(text, &mut raw);
@@ -512,8 +551,8 @@ pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugi
     // Keywords by case mode: (keyword, rule, whole words).
     let mut sensitive: Vec<(String, usize, bool)> = Vec::new();
     let mut insensitive: Vec<(String, usize, bool)> = Vec::new();
-    let mut regex_sources = Vec::new();
-    let mut regexes = Vec::new();
+    let mut deny_regexes = Vec::new();
+    let mut allow_regexes = Vec::new();
     let lists = [("deny", &config.deny), ("allow", &config.allow)];
     let mut first_allow = 0;
     for (list, entries) in lists {
@@ -545,8 +584,13 @@ pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugi
                     } else {
                         pattern.clone()
                     };
-                    regex_sources.push(source);
-                    regexes.push((regex, index_of_rule));
+                    let target = if list == "allow" {
+                        &mut allow_regexes
+                    } else {
+                        &mut deny_regexes
+                    };
+                    target.push((source, index_of_rule));
+                    drop(regex);
                 }
                 (None, Some(keywords)) => {
                     if keywords.is_empty() {
@@ -590,11 +634,12 @@ pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugi
             .map_err(|err| ConfigError::new("deny", format!("keywords cannot be compiled: {err}")))?;
         keywords.push((automaton, list.iter().map(|(_, rule, whole)| (*rule, *whole)).collect()));
     }
-    let regex_set = if regex_sources.is_empty() {
-        None
-    } else {
-        Some(RegexSet::new(&regex_sources).map_err(|err| ConfigError::new("deny", err.to_string()))?)
-    };
+    let mut regexes = Vec::new();
+    for (list, rules) in [("deny", &deny_regexes), ("allow", &allow_regexes)] {
+        let combined = CombinedRegex::build(rules)
+            .map_err(|err| ConfigError::new(list, format!("regexes cannot be combined: {err}")))?;
+        regexes.extend(combined);
+    }
     // The built-in rules come after the allow rules; their findings are deny findings.
     let allow_end = rules.len();
     let mut extra_rules = Vec::new();
@@ -621,7 +666,6 @@ pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugi
     )?;
     let detector = PromptDetector {
         keywords,
-        regex_set,
         regexes,
         injection: injection_rule.map(|rule| Injection::new(config.injection.threshold, rule)),
         allow: first_allow..allow_end,
@@ -688,6 +732,22 @@ mod tests {
         );
         assert_eq!(host.counter(&chain, "processor.guard.found.ticket"), 1);
         assert_eq!(host.counter(&chain, "processor.guard.found.competitor"), 1);
+    }
+
+    #[test]
+    fn combined_regexes_tell_rules_apart_despite_their_own_groups() {
+        let chain = r#"processors:
+- name: guard
+  type: prompt-guard
+  parameters:
+    deny:
+      - {name: first, regex: "(a)(b)c", action: Report}
+      - {name: second, regex: "x(?P<mid>y)z", action: Report}
+      - {name: third, regex: "QQ", caseInsensitive: true, action: Report}"#;
+        let (host, chain) = run_request(chain, &[], &prompt("xyz and qq"));
+        assert_eq!(host.counter(&chain, "processor.guard.found.first"), 0);
+        assert_eq!(host.counter(&chain, "processor.guard.found.second"), 1);
+        assert_eq!(host.counter(&chain, "processor.guard.found.third"), 1);
     }
 
     const INJECTION: &str =

@@ -67,7 +67,7 @@ impl Recognizer for CreditCard {
 
     fn find(&self, scan: &Text<'_>, found: &mut Vec<Range<usize>>) {
         let text = scan.as_str();
-        for run in scan.number_runs(13) {
+        for run in scan.number_runs(13, 19) {
             let candidate = text[run.clone()].trim_start_matches(['+', '(']);
             let start = run.end - candidate.len();
             // One separator kind only, and only spaces or dashes.

@@ -129,11 +129,11 @@ impl<'t> Text<'t> {
         self.runs.get_or_init(|| scan_number_runs(self.text))
     }
 
-    /// Runs with at least `min_digits` digits, not glued to letters.
-    pub(crate) fn number_runs(&self, min_digits: usize) -> impl Iterator<Item = Range<usize>> + '_ {
+    /// Runs with `min_digits..=max_digits` digits, not glued to letters.
+    pub(crate) fn number_runs(&self, min_digits: usize, max_digits: usize) -> impl Iterator<Item = Range<usize>> + '_ {
         self.runs()
             .iter()
-            .filter(move |run| run.digits >= min_digits && !run.glued_before && !run.glued_after)
+            .filter(move |run| (min_digits..=max_digits).contains(&run.digits) && !run.glued_before && !run.glued_after)
             .map(|run| run.span.clone())
     }
 }
@@ -236,7 +236,7 @@ mod tests {
     fn number_runs_stop_at_letters_and_double_separators() {
         let text = "call (415) 555-0100 or +44 20 7946 0958, order A12345, 2024-03-15  10:22";
         let scan = Text::new(text);
-        let runs: Vec<&str> = scan.number_runs(3).map(|span| &text[span]).collect();
+        let runs: Vec<&str> = scan.number_runs(3, usize::MAX).map(|span| &text[span]).collect();
         assert_eq!(runs, vec!["(415) 555-0100", "+44 20 7946 0958", "2024-03-15"]);
     }
 }

@@ -61,7 +61,7 @@ impl Recognizer for Phone {
     fn find(&self, scan: &Text<'_>, found: &mut Vec<Range<usize>>) {
         let text = scan.as_str();
         let bytes = text.as_bytes();
-        for run in scan.number_runs(7) {
+        for run in scan.number_runs(7, 16) {
             let candidate = &text[run.clone()];
             let groups = digit_groups(candidate);
             let digits: usize = groups.iter().sum();

@@ -15,7 +15,7 @@ impl Recognizer for UsSsn {
 
     fn find(&self, scan: &Text<'_>, found: &mut Vec<Range<usize>>) {
         let text = scan.as_str();
-        for run in scan.number_runs(9) {
+        for run in scan.number_runs(9, 9) {
             // `(123-45-6789)`: the run starts at the parenthesis.
             let candidate = text[run.clone()].trim_start_matches('(');
             let start = run.end - candidate.len();
