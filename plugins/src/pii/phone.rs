@@ -63,16 +63,26 @@ impl Recognizer for Phone {
         let bytes = text.as_bytes();
         for run in scan.number_runs(7, 16) {
             let candidate = &text[run.clone()];
-            let groups = digit_groups(candidate);
-            let digits: usize = groups.iter().sum();
-            let separators: Vec<u8> = candidate
-                .bytes()
-                .filter(|b| !b.is_ascii_digit() && !matches!(b, b'+' | b'(' | b')'))
-                .collect();
             // Dates and versions: slashes, or dots mixed with other separators.
-            if separators.contains(&b'/') || (separators.contains(&b'.') && separators.iter().any(|s| *s != b'.')) {
+            let (mut dots, mut others) = (false, false);
+            for b in candidate.bytes() {
+                match b {
+                    b'/' => others = true,
+                    b'.' => dots = true,
+                    b' ' | b'-' => others = true,
+                    _ => {}
+                }
+            }
+            if candidate.contains('/') || (dots && others) {
                 continue;
             }
+            let bare = !others && !dots && !candidate.contains(['(', ')']);
+            // A bare number needs 9 to 12 digits (most prose numbers are shorter: years, ids).
+            if bare && !candidate.starts_with('+') && !(9..=12).contains(&(candidate.len())) {
+                continue;
+            }
+            let groups = digit_groups(candidate);
+            let digits: usize = groups.iter().sum();
             let ok = if candidate.starts_with('+') {
                 (8..=16).contains(&digits) && groups.len() <= 8
             } else if candidate.trim_start_matches('(').starts_with("00") && groups.len() > 1 {
