@@ -41,6 +41,15 @@ SIZES = {"1KiB": 1024, "16KiB": 16 * 1024, "256KiB": 256 * 1024, "1MiB": 1024 * 
 # latency shows the cost of a request, not queueing.
 RATES = {"1KiB": 1000, "16KiB": 1000, "256KiB": 200, "1MiB": 50}
 ROUTE_CHAIN = "processors:\n  - {name: route-by-model, type: body-field-to-header}\n"
+# The guard chain of the guardrails issue: routing, then pii-guard (all recognizers, masking) and
+# prompt-guard (100 keywords, 20 regexes, the prompt-injection set) on the prompt.
+GUARD_KEYWORDS = ", ".join(f"'forbidden phrase {i}'" for i in range(100))
+GUARD_REGEXES = ", ".join("{name: r%d, regex: '\\bproject[-_ ]?%d[a-z]{2}[0-9]{4}\\b', caseInsensitive: true}" % (i, i)
+                          for i in range(20))
+GUARD_CHAIN = (ROUTE_CHAIN
+               + "  - {name: pii, type: pii-guard, parameters: {direction: Request}}\n"
+               + "  - {name: prompt, type: prompt-guard, parameters: {builtin: [prompt-injection], deny: ["
+               + f"{{name: phrases, keywords: [{GUARD_KEYWORDS}], caseInsensitive: true}}, {GUARD_REGEXES}]}}}}\n")
 NGINX_REPLY = ('{"id":"chatcmpl-bench","object":"chat.completion","model":"llama-3-8b","choices":[{"index":0,'
                '"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],'
                '"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}')
@@ -194,6 +203,8 @@ def variants():
         "ext_proc": ([ext_proc], [], False),
         "wasm": ([processor_filter("wasm", ROUTE_CHAIN)], [], False),
         "dynamic_module": ([processor_filter("dynamic-module", ROUTE_CHAIN)], [], False),
+        "guards_wasm": ([processor_filter("wasm", GUARD_CHAIN)], [], False),
+        "guards_dynamic_module": ([processor_filter("dynamic-module", GUARD_CHAIN)], [], False),
     }
 
 

@@ -6,6 +6,7 @@ every byte: the client never receives a fragment of a raw value."""
 import json
 from urllib.parse import quote
 
+import anthropic
 import openai
 import pytest
 import requests
@@ -251,3 +252,18 @@ def test_streamed_rejection_ends_the_stream_before_any_fragment(gateway, blocked
     chunks = list(client(envoy, **headers).chat.completions.create(
         model="m", messages=[{"role": "user", "content": "hi"}], stream=True))
     assert chunks[-1].choices[0].finish_reason == "content_filter"
+
+
+def test_buffered_and_anthropic_streamed_answers_are_masked(gateway):
+    envoy = gateway(STREAM_GUARDS.format(action="Mask"))
+    reply = {"x-mock-reply": quote(REPLY)}
+    completion = client(envoy, **reply).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}])
+    assert completion.choices[0].message.content == MASKED
+    claude = anthropic.Anthropic(base_url=envoy.url(""), api_key="test", max_retries=0, timeout=CLIENT_TIMEOUT,
+                                 default_headers={**reply, "x-mock-token-chars": "3", "x-mock-token-offset": "2"})
+    message = claude.messages.create(model="m", max_tokens=64, messages=[{"role": "user", "content": "hi"}])
+    assert message.content[0].text == MASKED
+    with claude.messages.stream(model="m", max_tokens=64, messages=[{"role": "user", "content": "hi"}]) as stream:
+        streamed = "".join(stream.text_stream)
+    assert streamed == MASKED
