@@ -9,6 +9,7 @@ Request headers steer it, so tests and clients (via extra headers) choose per re
   x-mock-split: `every-byte` writes the stream one byte per chunk (splitting events, `data:`,
                 CRLF pairs and UTF-8 characters); a number N writes chunks of N bytes
   x-mock-delay-ms: pause before each streamed event
+  x-mock-abort-after: N drops the connection after N streamed events (an upstream reset)
   x-mock-gzip: `force` compresses even when the client did not accept gzip
   x-mock-content-type: overrides the content type of a JSON reply
 Without x-mock-gzip, replies are gzip-compressed when the request accepts gzip.
@@ -224,7 +225,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
                 self.wfile.flush()
 
-        for event in events:
+        abort_after = int(self.headers.get("x-mock-abort-after", "-1"))
+        for index, event in enumerate(events):
+            if index == abort_after:
+                self.wfile.flush()
+                self.request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                self.request.close()
+                self.close_connection = True
+                return
             if delay:
                 time.sleep(delay)
             sent += event

@@ -369,6 +369,32 @@ impl Stream {
             // compress towards the client, put Envoy's compressor filter before this one.)
             host.set_header(Direction::Request, "accept-encoding", "identity");
         }
+        // A compressed request body cannot be inspected (decoding in the proxy would cost every
+        // request CPU and memory): refuse it when a fail-closed body reader needs it (415),
+        // otherwise those readers sit this request out.
+        let encoding = host
+            .header(Direction::Request, "content-encoding")
+            .map(|e| e.trim().to_ascii_lowercase())
+            .filter(|e| !e.is_empty() && e != "identity");
+        if let Some(encoding) = encoding.filter(|_| !end_of_stream) {
+            for (index, processor) in chain.processors.iter().enumerate() {
+                if !self.active[index] || processor.request != PhaseNeed::Body {
+                    continue;
+                }
+                if processor.failure_mode == FailureMode::FailClosed {
+                    let message = format!(
+                        "request bodies with content-encoding {encoding} cannot be inspected by processor {}; \
+                         send the body uncompressed",
+                        processor.name
+                    );
+                    let reply = LocalReply::json_error(415, "unsupported_content_encoding", &message);
+                    self.reply(host, &reply, "payload_processor.request_encoded");
+                    return HeadersFlow::Stop;
+                }
+                host.increment_counter(processor.metrics.skipped_encoded, 1);
+                self.active[index] = false;
+            }
+        }
         self.on_headers(host, Direction::Request, end_of_stream)
     }
 

@@ -275,6 +275,30 @@ fn non_json_responses_skip_body_readers_and_count_it() {
 }
 
 #[test]
+fn compressed_requests_are_refused_or_skipped_open() {
+    for (mode, expected) in [("FailClosed", Some(415)), ("FailOpen", None)] {
+        let chain = chain(&format!(
+            "processors: [{{name: a, type: probe, failureMode: {mode}, parameters: {{request: body}}}}, \
+             {{name: h, type: probe, parameters: {{request: headers}}}}]"
+        ));
+        let mut host = FakeHost::request("/", &[("content-encoding", "gzip")], b"\x1f\x8b");
+        let (flow, _) = run_request(&chain, &mut host);
+        assert_eq!(host.reply.as_ref().map(|r| r.status), expected, "{mode}");
+        if expected.is_some() {
+            assert_eq!(flow, HeadersFlow::Stop);
+            assert_eq!(
+                host.reply.as_ref().unwrap().json()["error"]["code"],
+                "unsupported_content_encoding"
+            );
+        } else {
+            assert_eq!(flow, HeadersFlow::Continue, "nothing is buffered for a skipped reader");
+            assert_eq!(host.counter(&chain, "processor.a.skipped_encoded"), 1);
+            assert_eq!(trail(&host), "c", "the header-only processor still ran");
+        }
+    }
+}
+
+#[test]
 fn compressed_responses_fail_closed_or_are_skipped_open() {
     for (mode, expected) in [("FailClosed", Some(502)), ("FailOpen", None)] {
         let chain = chain(&format!(
