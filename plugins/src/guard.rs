@@ -681,6 +681,10 @@ impl<D: Detector> Guard<D> {
 
     /// Guards one event of a streamed response.
     pub(crate) fn on_event(&self, ctx: &mut Context<'_>, event: &mut SseEvent) -> Result<EventDecision, PluginError> {
+        if !ctx.headers_sent() {
+            // The first event: the headers are still ours to change (findings of the request).
+            self.set_report_header(ctx);
+        }
         if event.is_done_marker() {
             return self
                 .flush_all(ctx)

@@ -224,6 +224,7 @@ impl Plugin for ModelRewrite {
 
     fn on_request(&self, ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
         let Some(model) = field_as_text(ctx, &self.model)? else {
+            ctx.remove_header(&self.report_header); // only the gateway reports a rewrite
             ctx.increment(self.unmatched);
             return Ok(Decision::Continue);
         };
@@ -234,6 +235,7 @@ impl Plugin for ModelRewrite {
             .or_else(|| ctx.header("x-request-id"))
             .unwrap_or_else(|| ctx.now_nanos().to_string());
         let Some(target) = self.rules.iter().find_map(|rule| rule.pick(&model, key.as_bytes())) else {
+            ctx.remove_header(&self.report_header);
             ctx.increment(self.unmatched);
             return Ok(Decision::Continue);
         };

@@ -229,6 +229,15 @@ fn event_usage(data: &Value) -> (Option<Usage>, Option<String>) {
 }
 
 impl TokenUsage {
+    /// The usage headers belong to the gateway: whatever the upstream sent under the prefix goes.
+    fn remove_spoofed_headers(&self, ctx: &mut Context<'_>) {
+        if let Some(prefix) = &self.header_prefix {
+            for name in ["input-tokens", "output-tokens", "total-tokens", "cached-input-tokens"] {
+                ctx.remove_header(&format!("{prefix}{name}"));
+            }
+        }
+    }
+
     fn write_usage(&self, ctx: &mut Context<'_>, usage: &Usage) {
         let fields = [
             ("input_tokens", usage.input),
@@ -292,6 +301,7 @@ impl Plugin for TokenUsage {
     }
 
     fn on_response(&self, ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
+        self.remove_spoofed_headers(ctx);
         if ctx.body().is_blank() {
             return Ok(Decision::Continue);
         }
@@ -331,6 +341,9 @@ impl Plugin for TokenUsage {
     }
 
     fn on_response_event(&self, ctx: &mut Context<'_>, event: &mut SseEvent) -> Result<EventDecision, PluginError> {
+        if !ctx.headers_sent() {
+            self.remove_spoofed_headers(ctx); // a stream's usage comes too late for headers
+        }
         let now = ctx.now_nanos();
         if is_content_event(event) {
             let started = ctx.stream_started_nanos();

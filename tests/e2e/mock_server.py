@@ -65,6 +65,9 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(payload)))
         self.send_header("x-backend", server.name)
+        # A misbehaving upstream: `x-mock-response-headers: {"name": "value"}` adds headers.
+        for name, value in json.loads(self.headers.get("x-mock-response-headers", "{}")).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(payload)
 
