@@ -14,9 +14,9 @@ const CHAIN: &str = r#"processors:
     operations:
       - {op: setDefault, path: top_p, value: 0.9}
       - {op: clamp, path: max_tokens, max: 256}
-      - {op: set, path: $.metadata.user, from: 'header:x-user'}
-      - {op: rename, path: user, to: $.metadata.end_user}
-      - {op: remove, path: $.messages[0].name}
+      - {op: set, path: '$.metadata.user', from: 'header:x-user'}
+      - {op: rename, path: user, to: '$.metadata.end_user'}
+      - {op: remove, path: '$.messages[0].name'}
 - name: decorate
   type: prompt-decorator
   parameters: {prepend: [{role: system, content: "Be brief."}]}
