@@ -96,9 +96,10 @@ def cpu_ns(pid):
 
 
 class Nginx:
-    """nginx from Debian answering every request with a fixed chat completion."""
+    """nginx from Debian answering every request with a fixed chat completion (`locations`:
+    more nginx location blocks, e.g. a fixed event stream)."""
 
-    def __init__(self):
+    def __init__(self, locations=""):
         self.dir = Path(tempfile.mkdtemp(prefix="bench-nginx-"))
         self.port = free_port()
         temp = self.dir / "tmp"
@@ -119,6 +120,7 @@ http {{
   server {{
     listen 127.0.0.1:{self.port};
     location / {{ default_type application/json; return 200 '{NGINX_REPLY}'; }}
+    {locations}
   }}
 }}
 """)

@@ -67,6 +67,7 @@ static REGISTRY: std::sync::OnceLock<fn() -> Registry> = std::sync::OnceLock::ne
 struct Loaded {
     chain: Arc<Chain>,
     metric_ids: Arc<[Option<u32>]>,
+    memory_gauge: Option<u32>,
 }
 
 struct Root {
@@ -101,9 +102,12 @@ impl RootContext for Root {
                     .collect();
                 let names: Vec<&str> = chain.processor_names().collect();
                 log::info!("payload-processor: loaded chain [{}]", names.join(", "));
+                let memory_gauge =
+                    proxy_wasm::hostcalls::define_metric(MetricType::Gauge, "payload_processor.wasm_memory_bytes").ok();
                 self.loaded = Some(Loaded {
                     chain: Arc::new(chain),
                     metric_ids,
+                    memory_gauge,
                 });
                 true
             }
@@ -119,6 +123,7 @@ impl RootContext for Root {
         Some(Box::new(Filter {
             stream: Stream::new(Arc::clone(&loaded.chain)),
             metric_ids: Arc::clone(&loaded.metric_ids),
+            memory_gauge: loaded.memory_gauge,
         }))
     }
 
@@ -130,6 +135,23 @@ impl RootContext for Root {
 struct Filter {
     stream: Stream,
     metric_ids: Arc<[Option<u32>]>,
+    memory_gauge: Option<u32>,
+}
+
+/// Reports this VM's linear memory as the gauge `payload_processor.wasm_memory_bytes` whenever
+/// it changed (it only grows, so this is rarely a host call), for soak tests and operators.
+fn report_memory(gauge: Option<u32>) {
+    #[cfg(target_arch = "wasm32")]
+    {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static REPORTED: AtomicUsize = AtomicUsize::new(0);
+        let bytes = core::arch::wasm32::memory_size::<0>() * 65536;
+        if let Some(id) = gauge.filter(|_| REPORTED.swap(bytes, Ordering::Relaxed) != bytes) {
+            let _ = proxy_wasm::hostcalls::record_metric(id, bytes as u64);
+        }
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    let _ = gauge;
 }
 
 fn headers_action(flow: HeadersFlow) -> Action {
@@ -181,5 +203,9 @@ impl HttpContext for Filter {
         let size = host::buffered_size(false);
         let mut host = WasmHost::new(&self.metric_ids, size, Direction::Response);
         body_action(self.stream.on_response_trailers(&mut host))
+    }
+
+    fn on_log(&mut self) {
+        report_memory(self.memory_gauge);
     }
 }
