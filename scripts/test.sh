@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 cargo fmt --all -- --check
 cargo fmt --all --manifest-path bench/Cargo.toml -- --check
+cargo fmt --all --manifest-path fuzz/Cargo.toml -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # Core, plugins and the wasm adapter must also be clean for the wasm target.
 cargo clippy --target wasm32-wasip1 --locked -p payload-processor-core -p payload-processor-plugins \

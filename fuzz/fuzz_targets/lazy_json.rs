@@ -7,7 +7,9 @@ use serde_json::Value;
 
 fuzz_target!(|data: &[u8]| {
     let lazy = find_member(data, "model");
-    let Ok(Value::Object(doc)) = serde_json::from_slice::<Value>(data) else { return };
+    let Ok(Value::Object(doc)) = serde_json::from_slice::<Value>(data) else {
+        return;
+    };
     match lazy {
         Ok(found) => {
             let found: Option<Value> = found.map(|raw| serde_json::from_str(raw.get()).expect("raw values parse"));

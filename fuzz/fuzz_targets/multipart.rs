@@ -18,11 +18,19 @@ fn chain() -> Arc<Chain> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let mut host = FakeHost::request("/v1/audio/transcriptions", &[("content-type", "application/json")], data);
+    let mut host = FakeHost::request(
+        "/v1/audio/transcriptions",
+        &[("content-type", "application/json")],
+        data,
+    );
     run_request_phase(&mut Stream::new(chain()), &mut host);
     let content_type = host.header_values(Direction::Request, "content-type").join(",");
     if host.reply.is_none() && content_type.starts_with("multipart/form-data") {
-        let boundary = content_type.split("boundary=").nth(1).expect("a boundary").trim_matches('"');
+        let boundary = content_type
+            .split("boundary=")
+            .nth(1)
+            .expect("a boundary")
+            .trim_matches('"');
         let delimiter = format!("--{boundary}");
         let body = String::from_utf8_lossy(&host.request_body);
         // Split at the delimiter: a boundary occurring inside a part would leave a piece that
@@ -30,10 +38,20 @@ fuzz_target!(|data: &[u8]| {
         let pieces: Vec<&str> = body.split(delimiter.as_str()).collect();
         assert!(pieces.len() >= 3, "an opening and a closing delimiter around a part");
         assert_eq!(pieces[0], "", "the body starts with the delimiter");
-        assert_eq!(*pieces.last().unwrap(), "--\r\n", "the body ends with the closing delimiter");
+        assert_eq!(
+            *pieces.last().unwrap(),
+            "--\r\n",
+            "the body ends with the closing delimiter"
+        );
         for piece in &pieces[1..pieces.len() - 1] {
-            assert!(piece.starts_with("\r\nContent-Disposition: form-data; name="), "stray delimiter");
-            assert!(piece.ends_with("\r\n"), "a part ends with CRLF before the next delimiter");
+            assert!(
+                piece.starts_with("\r\nContent-Disposition: form-data; name="),
+                "stray delimiter"
+            );
+            assert!(
+                piece.ends_with("\r\n"),
+                "a part ends with CRLF before the next delimiter"
+            );
         }
         assert_eq!(
             host.header_values(Direction::Request, "content-length"),

@@ -22,10 +22,16 @@ fn events(chunks: &[&[u8]]) -> Vec<(Option<String>, Option<String>, Option<Strin
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&size, stream)) = data.split_first() else { return };
+    let Some((&size, stream)) = data.split_first() else {
+        return;
+    };
     let size = usize::from(size % 17) + 1;
     let whole = events(&[stream]);
     let chunks: Vec<&[u8]> = stream.chunks(size).collect();
-    let split = if chunks.is_empty() { events(&[stream]) } else { events(&chunks) };
+    let split = if chunks.is_empty() {
+        events(&[stream])
+    } else {
+        events(&chunks)
+    };
     assert_eq!(whole, split, "events depend on the split (chunks of {size})");
 });
