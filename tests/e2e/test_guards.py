@@ -4,6 +4,8 @@ reported in a header and stats), per-recognizer case tables, and streamed respon
 secrets and blocked phrases are split across events at every position and across chunks at
 every byte: the client never receives a fragment of a raw value."""
 import json
+import tempfile
+from pathlib import Path
 from urllib.parse import quote
 
 import anthropic
@@ -11,7 +13,7 @@ import openai
 import pytest
 import requests
 
-from harness import bootstrap, cluster, processor_filter
+from harness import bootstrap, cluster, metadata_access_log, processor_filter, read_access_log
 from model_server import ModelServer
 
 CLIENT_TIMEOUT = 10
@@ -28,15 +30,22 @@ def model():
     server.stop()
 
 
+GUARD_NS = "envoy.payload_processor.guard"
+
+
 @pytest.fixture
 def gateway(start_envoy, form, model):
-    def start(chain):
+    def start(chain, metadata_keys=None):
+        log = Path(tempfile.mkdtemp(prefix="access-")) / "access.log"
         config = bootstrap(
             [processor_filter(form, chain)],
             [{"match": {"prefix": "/"}, "route": {"cluster": "model", "timeout": "30s"}}],
             [cluster("model", model.port)],
+            access_log=metadata_access_log(form, log, GUARD_NS, metadata_keys) if metadata_keys else None,
         )
-        return start_envoy(config)
+        envoy = start_envoy(config)
+        envoy.access_log = log
+        return envoy
 
     return start
 
@@ -121,7 +130,8 @@ def test_rejection_is_an_openai_error_without_the_value(gateway, model):
 
 def test_report_keeps_the_body_and_names_findings_in_a_header(gateway, model):
     envoy = gateway("processors: [{name: pii, type: pii-guard, parameters: "
-                    "{action: Report, direction: Request, reportHeader: x-pii-findings}}]")
+                    "{action: Report, direction: Request, reportHeader: x-pii-findings}}]",
+                    metadata_keys=["pii.findings", "pii.outcome"])
     text = f"mail {EMAIL} or call (415) 555-0100"
     response = chat(envoy, text)
     assert response.status_code == 200
@@ -132,6 +142,11 @@ def test_report_keeps_the_body_and_names_findings_in_a_header(gateway, model):
     stats = envoy.stats("processor.pii")
     assert stats["payload_processor.processor.pii.reported"] == 1
     assert stats["payload_processor.processor.pii.found.phone"] == 1
+    # Metadata (filter state in the wasm form) names what was found, never the values.
+    reported, clean_line = read_access_log(envoy.access_log, 2)
+    assert reported["pii.findings"] == "email,phone" and reported["pii.outcome"] == "reported"
+    assert clean_line["pii.findings"] is None
+    assert EMAIL not in envoy.access_log.read_text() and EMAIL not in envoy.log()
 
 
 PROMPT_GUARD = """processors:
