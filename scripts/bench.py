@@ -46,6 +46,17 @@ ROUTE_CHAIN = "processors:\n  - {name: route-by-model, type: body-field-to-heade
 GUARD_KEYWORDS = ", ".join(f"'forbidden phrase {i}'" for i in range(100))
 GUARD_REGEXES = ", ".join("{name: r%d, regex: '\\bproject[-_ ]?%d[a-z]{2}[0-9]{4}\\b', caseInsensitive: true}" % (i, i)
                           for i in range(20))
+# A streamed answer (text/event-stream from nginx, one event per word, usage at the end) read by
+# token-usage event by event: the "stream_*" variants, compared with stream_plain.
+USAGE_CHAIN = ROUTE_CHAIN + "  - {name: usage, type: token-usage}\n"
+STREAM_PATH = "/v1/stream/chat/completions"
+STREAM_CHUNK = ('{"id":"c1","object":"chat.completion.chunk","created":1,"model":"llama-3-8b",'
+                '"choices":[{"index":0,"delta":{"content":"%s "},"finish_reason":null}]}')
+STREAM_REPLY = "".join("data: " + STREAM_CHUNK % word + "\n\n" for word in (
+    "The quarterly report shows steady growth across all regions with three notable risks").split()) + (
+    'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"llama-3-8b","choices":[],'
+    '"usage":{"prompt_tokens":12,"completion_tokens":13,"total_tokens":25}}\n\ndata: [DONE]\n\n')
+STREAM_LOCATION = f"location = {STREAM_PATH} {{ default_type text/event-stream; return 200 '{STREAM_REPLY}'; }}"
 GUARD_CHAIN = (ROUTE_CHAIN
                + "  - {name: pii, type: pii-guard, parameters: {direction: Request}}\n"
                + "  - {name: prompt, type: prompt-guard, parameters: {builtin: [prompt-injection], deny: ["
@@ -170,7 +181,7 @@ def routes(extra_first=()):
 
 
 def variants():
-    """name -> (http filters, extra routes, whether the client itself sends the model header)."""
+    """name -> (http filters, extra routes, whether the client itself sends the model header[, path])."""
     ext_proc = {
         "name": "envoy.filters.http.ext_proc",
         "typed_config": {
@@ -207,6 +218,9 @@ def variants():
         "dynamic_module": ([processor_filter("dynamic-module", ROUTE_CHAIN)], [], False),
         "guards_wasm": ([processor_filter("wasm", GUARD_CHAIN)], [], False),
         "guards_dynamic_module": ([processor_filter("dynamic-module", GUARD_CHAIN)], [], False),
+        "stream_plain": ([], [], True, STREAM_PATH),
+        "stream_usage_wasm": ([processor_filter("wasm", USAGE_CHAIN)], [], False, STREAM_PATH),
+        "stream_usage_dynamic_module": ([processor_filter("dynamic-module", USAGE_CHAIN)], [], False, STREAM_PATH),
     }
 
 
@@ -266,13 +280,14 @@ def spread(values):
 
 
 def measure(name, spec, args, nginx, bodies, work):
-    filters, extra_routes, send_header = spec
+    filters, extra_routes, send_header = spec[:3]
+    path = spec[3] if len(spec) > 3 else "/v1/chat/completions"
     extproc = ExtProcServer() if name == "ext_proc" else None
     envoy = Envoy(envoy_config(filters, extra_routes, nginx.port, extproc.port if extproc else None),
                   log_level="warning").wait_ready()
     rows = []
     try:
-        url = envoy.url("/v1/chat/completions")
+        url = envoy.url(path)
         for size_label, model_position, body_path in bodies:
             # Warm-up: connections, the wasm VM, allocator pools.
             run_wrk(url, body_path, send_header, 1, args.connections, work / "post.lua")
@@ -316,18 +331,23 @@ def fmt_spread(s, digits=1):
 
 def render(meta, rows):
     plain = {(r["size"], r["model"]): r for r in rows if r["variant"] == "plain"}
+    # Streamed variants compare with the same stream proxied plainly.
+    stream_plain = {(r["size"], r["model"]): r for r in rows if r["variant"] == "stream_plain"}
     buffered = {(r["size"], r["model"]): r for r in rows if r["variant"] == "buffer"}
     lines = [f"# {meta['title']}", "",
              f"{meta['date']} · {meta['machine']} · Envoy {meta['envoy']} `--concurrency 1` · nginx fixed reply · "
              f"wrk 1 thread, {meta['connections']} connections, {meta['seconds']} s × {meta['repeats']} repeats · "
              "open-loop latency: oha with latency correction at the rate shown · medians (min–max)", "",
              "Every body filter has to buffer, and buffering changes how Envoy reads and writes large bodies "
-             "(at 256 KiB buffering alone is cheaper than streaming here), so CPU is also shown over **buffer**.", "",
+             "(at 256 KiB buffering alone is cheaper than streaming here), so CPU is also shown over **buffer**. "
+             "The `stream_*` variants get a streamed answer (14 events, usage last) and compare with "
+             "**stream_plain** instead of plain.", "",
              "| variant | body | model | req/s | × plain | Envoy CPU µs/req | + over plain | sidecar CPU µs/req | "
              "total + over plain | total + over buffer | p50 ms | p99 ms | rate/s | non-2xx |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        base = plain.get((r["size"], r["model"])) or plain.get((r["size"], "last"))
+        bases = stream_plain if r["variant"].startswith("stream") else plain
+        base = bases.get((r["size"], r["model"])) or bases.get((r["size"], "last"))
         ratio = r["rps"]["median"] / base["rps"]["median"] if base else float("nan")
         added = r["envoy_cpu_us"]["median"] - base["envoy_cpu_us"]["median"] if base else float("nan")
         total_added = r["total_cpu_us"] - base["total_cpu_us"] if base else float("nan")
@@ -385,7 +405,7 @@ def main():
             path = work / f"{size}-{position}.json"
             path.write_bytes(chat_body(SIZES[size], position == "last"))
             bodies.append((size, position, path))
-    nginx = Nginx()
+    nginx = Nginx(STREAM_LOCATION)
     all_variants = variants()
     chosen = args.variants.split(",") if args.variants else list(all_variants)
     rows = []
