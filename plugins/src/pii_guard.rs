@@ -367,6 +367,25 @@ mod tests {
     }
 
     #[test]
+    fn masking_leaves_nothing_recognizable() {
+        // Regression (fuzz target pii_mask): the tag of a masked number made the next bare
+        // number look like a phone number by context.
+        let (host, _) = run_request(
+            "processors: [{name: p, type: pii-guard}]",
+            &[],
+            &chat("@1111111171:211111171:21"),
+        );
+        let masked = upstream_text(&host);
+        assert_eq!(masked, "@[PHONE]:211111171:21");
+        let scan = crate::pii::Text::new(&masked);
+        for entity in crate::pii::Entity::ALL {
+            let mut found = Vec::new();
+            entity.recognizer().find(&scan, &mut found);
+            assert!(found.is_empty(), "{entity:?} in {masked}");
+        }
+    }
+
+    #[test]
     fn non_json_bodies_are_refused() {
         let (host, _) = run_request_at(
             "/v1/chat/completions",

@@ -30,6 +30,16 @@ fn words_before(text: &str, start: usize) -> String {
     text[from..start].to_ascii_lowercase()
 }
 
+/// A context word counts unless it is a mask tag such as `[PHONE]` (found by fuzzing: masking one
+/// number must not turn the next into a phone number).
+fn has_phone_context(before: &str) -> bool {
+    PHONE_CONTEXT.iter().any(|word| {
+        before
+            .match_indices(word)
+            .any(|(at, _)| !before[..at].ends_with('[') && !before[at + word.len()..].starts_with([']', ':']))
+    })
+}
+
 fn looks_like_identifier(before: &str) -> bool {
     let last_word = before
         .trim_end_matches([' ', ':'])
@@ -90,7 +100,7 @@ impl Recognizer for Phone {
             } else if groups.len() == 1 {
                 let before = words_before(text, run.start);
                 // A bare number is a phone number by its length, or by what is said before it.
-                let in_context = PHONE_CONTEXT.iter().any(|word| before.contains(word)) && (9..=12).contains(&digits);
+                let in_context = has_phone_context(&before) && (9..=12).contains(&digits);
                 in_context || (national(candidate, &groups) && !looks_like_identifier(&before))
             } else {
                 national(candidate, &groups)
@@ -145,6 +155,9 @@ mod tests {
             ("version 10.4.2 build 2231", &[]),
             ("pi is 3.14159265", &[]),
             ("ssn 123-45-6789", &[]),
+            // Regression (fuzz: pii_mask): a mask tag is not a context word.
+            ("@[PHONE]:211111171:21", &[]),
+            ("[PHONE:5f3a9c0e] 211111171", &[]),
         ];
         for (text, expected) in cases {
             assert_eq!(&found(&Phone, text), expected, "{text}");
