@@ -473,6 +473,23 @@ impl<D: Detector> Guard<D> {
         out
     }
 
+    /// `text` masked, then masked again while the result still holds something to mask: a
+    /// value removed can change a neighbour's context (an address glued to a word is no
+    /// longer glued once the word is a tag; found by fuzzing), and nothing recognizable may
+    /// remain. Tags are never recognized, so this ends within a few rounds.
+    fn masked_fully(&self, text: &str, findings: &[Finding]) -> String {
+        let mut out = self.masked(text, findings);
+        let mut again = Vec::new();
+        for _ in 0..4 {
+            self.scan(&out, &mut again);
+            if !again.iter().any(|f| self.rules[f.rule].action == Action::Mask) {
+                break;
+            }
+            out = self.masked(&out, &again);
+        }
+        out
+    }
+
     /// The reply for a rejection by `rule` (its name, never the matched text).
     pub(crate) fn reject_reply(&self, rule: usize) -> LocalReply {
         let reject = &self.options.reject;
@@ -591,7 +608,7 @@ impl<D: Detector> Guard<D> {
                             self.scan(text, &mut findings);
                         }
                         if findings.iter().any(|f| self.rules[f.rule].action == Action::Mask) {
-                            *text = self.masked(text, &findings);
+                            *text = self.masked_fully(text, &findings);
                         }
                     })
                 });
