@@ -33,7 +33,9 @@ use std::sync::Arc;
 /// Registry key.
 pub const TYPE_NAME: &str = "pii-guard";
 
-/// Parameters.
+/// Parameters. The fields both guards share (`direction` to `streamHoldBackBytes`) are
+/// repeated in each guard's config rather than flattened: serde cannot refuse unknown fields
+/// through `flatten`, and a misspelt guard parameter must be an error.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Config {
