@@ -739,33 +739,48 @@ impl<D: Detector> Guard<D> {
     }
 
     fn openai_event(&self, ctx: &mut Context<'_>, event: &mut SseEvent) -> Result<(), usize> {
-        let value = event.json().expect("parsed by the caller").clone();
-        let state = ctx.state::<GuardState>();
-        if state.chunk_template.is_none() {
+        let value = event.json().expect("parsed by the caller");
+        if ctx.state::<GuardState>().chunk_template.is_none() {
             let mut template = serde_json::Map::new();
             for key in ["id", "object", "created", "model", "system_fingerprint"] {
                 if let Some(field) = value.get(key) {
                     template.insert(key.into(), field.clone());
                 }
             }
-            state.chunk_template = Some(Value::Object(template));
+            ctx.state::<GuardState>().chunk_template = Some(Value::Object(template));
         }
-        let choices = value["choices"].as_array().cloned().unwrap_or_default();
+        // What each choice carries (position, index, chat or completions, text, finished),
+        // taken out so the event can be edited afterwards.
+        let choices: Vec<(usize, u64, bool, Option<String>, bool)> = value["choices"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+            .map(|(position, choice)| {
+                let index = choice.get("index").and_then(Value::as_u64).unwrap_or(position as u64);
+                let chat = choice.get("delta").is_some();
+                let text = if chat {
+                    choice.pointer("/delta/content").and_then(Value::as_str)
+                } else {
+                    choice.get("text").and_then(Value::as_str)
+                };
+                let finished = choice.get("finish_reason").is_some_and(|reason| !reason.is_null());
+                (position, index, chat, text.map(str::to_string), finished)
+            })
+            .collect();
         let mut edits = Vec::new();
-        for (position, choice) in choices.iter().enumerate() {
-            let index = choice.get("index").and_then(Value::as_u64).unwrap_or(position as u64);
-            let chat = choice.get("delta").is_some();
-            let text = if chat {
-                choice.pointer("/delta/content").and_then(Value::as_str)
-            } else {
-                choice.get("text").and_then(Value::as_str)
-            };
-            let finished = choice.get("finish_reason").is_some_and(|reason| !reason.is_null());
+        for (position, index, chat, text, finished) in choices {
             if text.is_none() && !finished {
                 continue;
             }
             ctx.state::<GuardState>().api = Some(if chat { Api::OpenAiChat } else { Api::OpenAiCompletions });
-            let out = self.advance(ctx, &TrackKey::Choice(index), text.unwrap_or_default(), finished)?;
+            let out = self.advance(
+                ctx,
+                &TrackKey::Choice(index),
+                text.as_deref().unwrap_or_default(),
+                finished,
+            )?;
             if text.is_some() || !out.is_empty() {
                 edits.push((position, chat, out));
             }
@@ -810,8 +825,7 @@ impl<D: Detector> Guard<D> {
     }
 
     fn responses_event(&self, ctx: &mut Context<'_>, event: &mut SseEvent, kind: &str) -> Result<(), usize> {
-        let value = event.json().expect("parsed by the caller").clone();
-        ctx.state::<GuardState>().api = Some(Api::OpenAiResponses);
+        let value = event.json().expect("parsed by the caller");
         let key = TrackKey::Output(
             value
                 .get("item_id")
@@ -821,10 +835,11 @@ impl<D: Detector> Guard<D> {
             value.get("output_index").and_then(Value::as_u64).unwrap_or(0),
             value.get("content_index").and_then(Value::as_u64).unwrap_or(0),
         );
+        let delta = value.get("delta").and_then(Value::as_str).map(str::to_string);
+        ctx.state::<GuardState>().api = Some(Api::OpenAiResponses);
         match kind {
             "response.output_text.delta" => {
-                let text = value.get("delta").and_then(Value::as_str).unwrap_or_default();
-                let out = self.advance(ctx, &key, text, false)?;
+                let out = self.advance(ctx, &key, delta.as_deref().unwrap_or_default(), false)?;
                 event.json_mut().expect("parsed by the caller")["delta"] = Value::String(out);
             }
             "response.output_text.done" => {

@@ -472,6 +472,44 @@ mod tests {
     }
 
     #[test]
+    fn responses_api_streams_are_masked_in_deltas_and_in_the_full_texts() {
+        let text = "Mail jane.doe@example.com now";
+        let mut events = String::new();
+        for piece in text.as_bytes().chunks(3) {
+            let delta = String::from_utf8_lossy(piece);
+            let event = json!({"type": "response.output_text.delta", "item_id": "m1", "output_index": 0,
+                               "content_index": 0, "delta": delta});
+            events += &format!("event: response.output_text.delta\ndata: {event}\n\n");
+        }
+        let done = json!({"type": "response.output_text.done", "item_id": "m1", "output_index": 0,
+                          "content_index": 0, "text": text});
+        let completed = json!({"type": "response.completed", "response": {"output": [
+            {"type": "message", "content": [{"type": "output_text", "text": text}]}]}});
+        events += &format!("event: response.output_text.done\ndata: {done}\n\n");
+        events += &format!("event: response.completed\ndata: {completed}\n\n");
+        let mut host = FakeHost::request("/v1/responses", &[], b"{}");
+        let mut stream = Stream::new(stream_chain("Mask"));
+        payload_processor_core::testing::run_request_phase(&mut stream, &mut host);
+        let out = payload_processor_core::testing::run_streamed_response(&mut stream, &mut host, events.as_bytes(), 7);
+        let out = String::from_utf8(out).unwrap();
+        assert!(!out.contains("jane") && !out.contains("example.com"), "{out}");
+        let mut deltas = String::new();
+        let mut full_texts = Vec::new();
+        for event in out.split("\n\n").filter(|e| !e.is_empty()) {
+            let data = event.lines().find_map(|line| line.strip_prefix("data: ")).unwrap();
+            let value: Value = serde_json::from_str(data).unwrap();
+            match value["type"].as_str().unwrap() {
+                "response.output_text.delta" => deltas += value["delta"].as_str().unwrap(),
+                "response.output_text.done" => full_texts.push(value["text"].clone()),
+                "response.completed" => full_texts.push(value["response"]["output"][0]["content"][0]["text"].clone()),
+                other => panic!("unexpected event {other}"),
+            }
+        }
+        assert_eq!(deltas, "Mail [EMAIL] now");
+        assert_eq!(full_texts, vec![json!("Mail [EMAIL] now"), json!("Mail [EMAIL] now")]);
+    }
+
+    #[test]
     fn bad_configs_name_the_field() {
         let registry = crate::builtin_registry();
         let cases = [
