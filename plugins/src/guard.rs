@@ -530,11 +530,10 @@ impl<D: Detector> Guard<D> {
         });
         let state = ctx.state::<GuardState>();
         state.found.extend(rules.iter().copied());
-        let names = self.names(&state.found.clone());
-        let key = format!("{}.findings", self.name);
-        ctx.set_metadata(&self.options.namespace.clone(), &key, &names);
-        let key = format!("{}.outcome", self.name);
-        ctx.set_metadata(&self.options.namespace.clone(), &key, outcome.as_str());
+        let names = self.names(&state.found);
+        let namespace = &self.options.namespace;
+        ctx.set_metadata(namespace, &format!("{}.findings", self.name), &names);
+        ctx.set_metadata(namespace, &format!("{}.outcome", self.name), outcome.as_str());
     }
 
     fn names(&self, rules: &BTreeSet<usize>) -> String {
