@@ -476,18 +476,20 @@ impl<D: Detector> Guard<D> {
     /// `text` masked, then masked again while the result still holds something to mask: a
     /// value removed can change a neighbour's context (an address glued to a word is no
     /// longer glued once the word is a tag; found by fuzzing), and nothing recognizable may
-    /// remain. Tags are never recognized, so this ends within a few rounds.
+    /// remain. Every round turns original characters into tags, which are never recognized,
+    /// so it ends; an input built to need more than `MAX_ROUNDS` is replaced whole (fail safe).
     fn masked_fully(&self, text: &str, findings: &[Finding]) -> String {
+        const MAX_ROUNDS: usize = 64;
         let mut out = self.masked(text, findings);
         let mut again = Vec::new();
-        for _ in 0..4 {
+        for _ in 0..MAX_ROUNDS {
             self.scan(&out, &mut again);
             if !again.iter().any(|f| self.rules[f.rule].action == Action::Mask) {
-                break;
+                return out;
             }
             out = self.masked(&out, &again);
         }
-        out
+        "[REDACTED]".to_string()
     }
 
     /// The reply for a rejection by `rule` (its name, never the matched text).
