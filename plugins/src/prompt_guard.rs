@@ -592,7 +592,6 @@ pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugi
                         &mut deny_regexes
                     };
                     target.push((source, index_of_rule));
-                    drop(regex);
                 }
                 (None, Some(keywords)) => {
                     if keywords.is_empty() {
