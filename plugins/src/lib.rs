@@ -6,6 +6,7 @@
 pub mod base_model_to_header;
 pub mod body_field_to_header;
 pub mod body_mutation;
+pub mod endpoint_picker;
 mod guard;
 pub mod json_to_multipart;
 pub mod mcp_router;
@@ -41,6 +42,7 @@ pub fn register_builtins(registry: &mut Registry) {
     register(mcp_router::TYPE_NAME, mcp_router::build);
     register(pii_guard::TYPE_NAME, pii_guard::build);
     register(prompt_guard::TYPE_NAME, prompt_guard::build);
+    register(endpoint_picker::TYPE_NAME, endpoint_picker::build);
 }
 
 /// A registry holding the built-in plugin types.

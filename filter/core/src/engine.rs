@@ -1,5 +1,6 @@
 //! The chain runner: compiles a configuration once, then drives each stream through it.
 
+use crate::background::{BackgroundContext, BackgroundHost, CalloutError, CalloutResponse};
 use crate::config::{FailureMode, FilterConfig, Limits};
 use crate::error::ConfigError;
 use crate::event_stream::{Api, EventStream};
@@ -10,9 +11,10 @@ use crate::plugin::{Context, Decision, EventDecision, LocalReply, PhaseNeed, Plu
 use crate::registry::{BuildContext, Registry};
 use crate::sse::SseEvent;
 use std::any::Any;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Kind of a metric the chain declares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +23,8 @@ pub enum MetricKind {
     Counter,
     /// Histogram of samples (latencies in microseconds).
     Histogram,
+    /// A value that goes up and down (set, not added to).
+    Gauge,
 }
 
 /// A metric the adapter must define with the host before the first stream.
@@ -56,6 +60,7 @@ struct Processor {
     stream: Option<StreamNeed>,
     metrics: ProcessorMetrics,
     counters: Vec<MetricId>,
+    gauges: Vec<MetricId>,
 }
 
 impl Processor {
@@ -74,6 +79,8 @@ pub struct Chain {
     metrics: Vec<MetricDef>,
     request_body_too_large: MetricId,
     response_body_too_large: MetricId,
+    /// Background callouts in flight: host handle -> (processor index, plugin tag).
+    callouts: Mutex<HashMap<u64, (usize, u64)>>,
 }
 
 impl std::fmt::Debug for Chain {
@@ -146,10 +153,14 @@ impl Chain {
                 skipped_non_json: define("skipped_non_json", MetricKind::Counter),
                 skipped_encoded: define("skipped_encoded", MetricKind::Counter),
             };
-            let counters = build_ctx
-                .into_counters()
+            let (counter_names, gauge_names) = build_ctx.into_metrics();
+            let counters = counter_names
                 .iter()
                 .map(|counter| define(counter, MetricKind::Counter))
+                .collect();
+            let gauges = gauge_names
+                .iter()
+                .map(|gauge| define(gauge, MetricKind::Gauge))
                 .collect();
             processors.push(Processor {
                 name: name.clone(),
@@ -164,6 +175,7 @@ impl Chain {
                 plugin,
                 metrics: processor_metrics,
                 counters,
+                gauges,
             });
         }
         Ok(Chain {
@@ -172,6 +184,7 @@ impl Chain {
             metrics,
             request_body_too_large,
             response_body_too_large,
+            callouts: Mutex::new(HashMap::new()),
         })
     }
 
@@ -188,6 +201,58 @@ impl Chain {
     /// Processor names, in chain order.
     pub fn processor_names(&self) -> impl Iterator<Item = &str> {
         self.processors.iter().map(|p| p.name.as_str())
+    }
+
+    /// How often the adapter should call [`Chain::on_tick`]: the shortest interval any
+    /// processor with background work asks for; `None` when none has any.
+    pub fn tick_interval(&self) -> Option<Duration> {
+        self.processors
+            .iter()
+            .filter_map(|p| p.plugin.background())
+            .map(|background| background.tick_interval())
+            .min()
+    }
+
+    /// Runs every processor's background tick. A panic is contained and logged.
+    pub fn on_tick(&self, host: &mut dyn BackgroundHost) {
+        for (index, processor) in self.processors.iter().enumerate() {
+            let Some(background) = processor.plugin.background() else { continue };
+            self.run_background(host, index, |ctx| background.on_tick(ctx));
+        }
+    }
+
+    /// Hands the answer of a background callout to the processor that sent it. Unknown
+    /// handles (a callout of an earlier configuration) are ignored.
+    pub fn on_callout_done(&self, host: &mut dyn BackgroundHost, handle: u64, result: Result<CalloutResponse, CalloutError>) {
+        let Some((index, tag)) = self.lock_callouts().remove(&handle) else { return };
+        let Some(background) = self.processors.get(index).and_then(|p| p.plugin.background()) else {
+            return;
+        };
+        self.run_background(host, index, |ctx| background.on_callout_done(ctx, tag, result));
+    }
+
+    fn lock_callouts(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (usize, u64)>> {
+        // A panic while holding the lock cannot leave the map half-updated: recover it.
+        self.callouts.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn run_background(&self, host: &mut dyn BackgroundHost, index: usize, work: impl FnOnce(&mut BackgroundContext<'_>)) {
+        let processor = &self.processors[index];
+        let mut ctx = BackgroundContext {
+            host,
+            counters: &processor.counters,
+            gauges: &processor.gauges,
+            started: Vec::new(),
+        };
+        if catch_unwind(AssertUnwindSafe(|| work(&mut ctx))).is_err() {
+            log::error!("payload-processor: processor {} panicked in background work", processor.name);
+            ctx.host.increment_counter(processor.metrics.panics, 1);
+        }
+        let started = std::mem::take(&mut ctx.started);
+        let mut callouts = self.lock_callouts();
+        for (handle, tag) in started {
+            callouts.insert(handle, (index, tag));
+        }
     }
 }
 
@@ -708,6 +773,7 @@ impl Stream {
                 request_headers_changed: &mut request_headers_changed,
                 deadline_nanos,
                 counters: &processor.counters,
+                gauges: &processor.gauges,
                 state,
                 started_nanos,
                 headers_sent,

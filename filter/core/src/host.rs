@@ -64,4 +64,19 @@ pub trait Host {
     fn increment_counter(&mut self, id: MetricId, by: u64);
     /// Records a histogram sample for a histogram declared by the chain.
     fn record_histogram(&mut self, id: MetricId, value: u64);
+    /// Sets a gauge declared by the chain.
+    fn set_gauge(&mut self, id: MetricId, value: u64);
+    /// The strings under `key` in the stream's dynamic metadata namespace `namespace`: the
+    /// string items of a list, or a string value split at commas; empty when absent.
+    fn metadata_strings(&self, _namespace: &str, _key: &str) -> Vec<String> {
+        Vec::new()
+    }
+    /// The upstream host the request went to (`ip:port`), once the response arrived.
+    fn upstream_address(&self) -> Option<String> {
+        None
+    }
+    /// Tells any ORIGINAL_DST cluster to connect to `endpoint` (`ip:port`). Hosts whose
+    /// dynamic metadata such clusters read need nothing here; proxy-wasm, which cannot write
+    /// dynamic metadata, sets the typed filter state those clusters honour.
+    fn set_original_destination(&mut self, _endpoint: &str) {}
 }

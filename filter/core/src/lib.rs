@@ -36,6 +36,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod background;
 pub mod config;
 mod engine;
 pub mod error;
@@ -48,12 +49,13 @@ mod registry;
 pub mod sse;
 pub mod testing;
 
+pub use background::{Background, BackgroundContext, BackgroundHost, CalloutError, CalloutRequest, CalloutResponse};
 pub use config::{FailureMode, FilterConfig, Limits};
 pub use engine::{BodyFlow, Chain, HeadersFlow, MetricDef, MetricKind, Stream};
 pub use error::ConfigError;
 pub use event_stream::Api;
 pub use host::{Direction, Host, MetricId};
 pub use json::{Body, FieldPath, JsonError, SelectPath, Step, WritePath};
-pub use plugin::{Context, Counter, Decision, EventDecision, LocalReply, PhaseNeed, Plugin, PluginError, StreamNeed};
+pub use plugin::{Context, Counter, Decision, Gauge, EventDecision, LocalReply, PhaseNeed, Plugin, PluginError, StreamNeed};
 pub use registry::{BuildContext, BuildFn, PluginFactory, Registry, RegistryError};
 pub use sse::SseEvent;

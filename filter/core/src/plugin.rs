@@ -1,5 +1,6 @@
 //! What a plugin is and what it may do.
 
+use crate::background::Background;
 use crate::host::{Direction, Host, MetricId};
 use crate::json::Body;
 use crate::sse::SseEvent;
@@ -115,6 +116,10 @@ impl PluginError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Counter(pub(crate) usize);
 
+/// A processor-local gauge declared at build time with [`crate::BuildContext::gauge`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gauge(pub(crate) usize);
+
 /// A payload plugin. Built once per configuration load, shared by every stream and thread;
 /// per-stream state belongs in the engine, not in the plugin.
 pub trait Plugin: Send + Sync {
@@ -148,6 +153,10 @@ pub trait Plugin: Send + Sync {
     fn on_stream_end(&self, _ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
         Ok(Decision::Continue)
     }
+    /// Work the plugin does off the request path (timers, HTTP callouts); `None` by default.
+    fn background(&self) -> Option<&dyn Background> {
+        None
+    }
 }
 
 /// A plugin's view of one stream while it runs. All changes go through the engine.
@@ -158,6 +167,7 @@ pub struct Context<'a> {
     pub(crate) request_headers_changed: &'a mut bool,
     pub(crate) deadline_nanos: Option<u64>,
     pub(crate) counters: &'a [MetricId],
+    pub(crate) gauges: &'a [MetricId],
     pub(crate) state: &'a mut Option<Box<dyn Any>>,
     pub(crate) started_nanos: u64,
     /// True when the headers of this direction already went out (later events of a stream).
@@ -292,5 +302,29 @@ impl Context<'_> {
         if let Some(id) = self.counters.get(counter.0) {
             self.host.increment_counter(*id, 1);
         }
+    }
+
+    /// Sets a gauge declared by this processor.
+    pub fn set_gauge(&mut self, gauge: Gauge, value: u64) {
+        if let Some(id) = self.gauges.get(gauge.0) {
+            self.host.set_gauge(*id, value);
+        }
+    }
+
+    /// Strings under `key` in the stream's dynamic metadata `namespace` (a list's items, or a
+    /// string split at commas), for hints earlier filters leave.
+    pub fn metadata_strings(&self, namespace: &str, key: &str) -> Vec<String> {
+        self.host.metadata_strings(namespace, key)
+    }
+
+    /// The upstream host (`ip:port`) that answered, once the response arrived.
+    pub fn upstream_address(&self) -> Option<String> {
+        self.host.upstream_address()
+    }
+
+    /// Tells ORIGINAL_DST clusters to connect to `endpoint` on hosts that cannot write the
+    /// dynamic metadata such clusters read (see [`Host::set_original_destination`]).
+    pub fn set_original_destination(&mut self, endpoint: &str) {
+        self.host.set_original_destination(endpoint);
     }
 }

@@ -2,7 +2,7 @@
 //! party builds its own filter by registering more factories next to them.
 
 use crate::error::ConfigError;
-use crate::plugin::{Counter, Plugin};
+use crate::plugin::{Counter, Gauge, Plugin};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -11,6 +11,7 @@ use std::sync::Arc;
 pub struct BuildContext {
     processor_name: String,
     counters: Vec<String>,
+    gauges: Vec<String>,
 }
 
 impl BuildContext {
@@ -18,6 +19,7 @@ impl BuildContext {
         Self {
             processor_name: processor_name.to_string(),
             counters: Vec::new(),
+            gauges: Vec::new(),
         }
     }
 
@@ -32,8 +34,14 @@ impl BuildContext {
         Counter(self.counters.len() - 1)
     }
 
-    pub(crate) fn into_counters(self) -> Vec<String> {
-        self.counters
+    /// Declares a gauge `processor.<name>.<gauge>`; set it with [`crate::Context::set_gauge`].
+    pub fn gauge(&mut self, name: &str) -> Gauge {
+        self.gauges.push(name.to_string());
+        Gauge(self.gauges.len() - 1)
+    }
+
+    pub(crate) fn into_metrics(self) -> (Vec<String>, Vec<String>) {
+        (self.counters, self.gauges)
     }
 
     /// Deserializes the processor's `parameters` into its typed config. A missing `parameters`

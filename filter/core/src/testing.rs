@@ -1,5 +1,6 @@
 //! A state-based fake host for unit tests of the engine and of plugins.
 
+use crate::background::{BackgroundHost, CalloutError, CalloutRequest};
 use crate::host::{Direction, Host, MetricId};
 use std::collections::BTreeMap;
 
@@ -54,6 +55,12 @@ pub struct FakeHost {
     pub tick_nanos: u64,
     /// Wall-clock time reported by `unix_time_nanos`.
     pub unix_time_nanos: u64,
+    /// Gauge values by metric id.
+    pub gauges: BTreeMap<usize, u64>,
+    /// The upstream address reported once the response arrived.
+    pub upstream: Option<String>,
+    /// The endpoint passed to `set_original_destination`.
+    pub original_destination: Option<String>,
 }
 
 impl FakeHost {
@@ -173,6 +180,78 @@ impl Host for FakeHost {
     }
     fn record_histogram(&mut self, id: MetricId, value: u64) {
         self.histograms.entry(id.0).or_default().push(value);
+    }
+    fn set_gauge(&mut self, id: MetricId, value: u64) {
+        self.gauges.insert(id.0, value);
+    }
+    fn metadata_strings(&self, namespace: &str, key: &str) -> Vec<String> {
+        self.metadata
+            .get(&(namespace.to_string(), key.to_string()))
+            .map(|value| value.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+            .unwrap_or_default()
+    }
+    fn upstream_address(&self) -> Option<String> {
+        self.upstream.clone()
+    }
+    fn set_original_destination(&mut self, endpoint: &str) {
+        self.original_destination = Some(endpoint.to_string());
+    }
+}
+
+/// A fake [`BackgroundHost`]: records the callouts sent and hands out handles 1, 2, ...
+#[derive(Debug, Default)]
+pub struct FakeBackgroundHost {
+    /// Current clock value (set by the test).
+    pub now: u64,
+    /// Callouts sent, with their handles, in order.
+    pub sent: Vec<(u64, CalloutRequest)>,
+    /// When set, every callout fails to start with this reason.
+    pub refuse: Option<String>,
+    /// Counter values by metric id.
+    pub counters: BTreeMap<usize, u64>,
+    /// Gauge values by metric id.
+    pub gauges: BTreeMap<usize, u64>,
+    /// Handles handed out so far.
+    pub handles: u64,
+}
+
+impl FakeBackgroundHost {
+    /// Value of a counter by full metric name in `chain`.
+    pub fn counter(&self, chain: &crate::Chain, name: &str) -> u64 {
+        let id = chain.metrics().iter().position(|m| m.name == name).unwrap_or_else(|| panic!("no metric {name}"));
+        self.counters.get(&id).copied().unwrap_or(0)
+    }
+
+    /// Value of a gauge by full metric name in `chain`.
+    pub fn gauge(&self, chain: &crate::Chain, name: &str) -> Option<u64> {
+        let id = chain.metrics().iter().position(|m| m.name == name).unwrap_or_else(|| panic!("no metric {name}"));
+        self.gauges.get(&id).copied()
+    }
+
+    /// Takes the callouts sent so far.
+    pub fn take_sent(&mut self) -> Vec<(u64, CalloutRequest)> {
+        std::mem::take(&mut self.sent)
+    }
+}
+
+impl BackgroundHost for FakeBackgroundHost {
+    fn now_nanos(&self) -> u64 {
+        self.now
+    }
+    fn http_callout(&mut self, request: &CalloutRequest) -> Result<u64, CalloutError> {
+        if let Some(reason) = &self.refuse {
+            return Err(reason.clone());
+        }
+        self.handles += 1;
+        let handle = self.handles;
+        self.sent.push((handle, request.clone()));
+        Ok(handle)
+    }
+    fn increment_counter(&mut self, id: MetricId, by: u64) {
+        *self.counters.entry(id.0).or_default() += by;
+    }
+    fn set_gauge(&mut self, id: MetricId, value: u64) {
+        self.gauges.insert(id.0, value);
     }
 }
 

@@ -38,7 +38,7 @@ struct ModuleHeader {
     value_length: usize,
 }
 
-/// An Envoy-owned header passed to the (unused) callout hooks.
+/// An Envoy-owned header passed to the callout hooks.
 #[repr(C)]
 pub struct EnvoyHeader {
     key_ptr: *const c_char,
@@ -72,6 +72,36 @@ const BODY_BUFFERED_REQUEST: i32 = 1;
 const BODY_RECEIVED_RESPONSE: i32 = 2;
 const BODY_BUFFERED_RESPONSE: i32 = 3;
 const METRICS_SUCCESS: i32 = 0;
+const METADATA_SOURCE_DYNAMIC: i32 = 0;
+/// `upstream.address` in the attribute enum.
+const ATTRIBUTE_UPSTREAM_ADDRESS: i32 = 41;
+const CALLOUT_INIT_RESULTS: [&str; 5] = [
+    "success",
+    "missing required headers (:method, :path, :authority)",
+    "cluster not found",
+    "duplicate callout id",
+    "cannot create request (no healthy upstream?)",
+];
+const CALLOUT_RESULTS: [&str; 3] = ["success", "reset (connection failure or timeout)", "response too large"];
+
+const fn empty_envoy_buffer() -> EnvoyBuffer {
+    EnvoyBuffer {
+        ptr: ptr::null(),
+        length: 0,
+    }
+}
+
+fn module_headers(headers: &[(&str, &str)]) -> Vec<ModuleHeader> {
+    headers
+        .iter()
+        .map(|(k, v)| ModuleHeader {
+            key_ptr: k.as_ptr().cast(),
+            key_length: k.len(),
+            value_ptr: v.as_ptr().cast(),
+            value_length: v.len(),
+        })
+        .collect()
+}
 
 extern "C" {
     fn envoy_dynamic_module_callback_log(level: i32, message: ModuleBuffer);
@@ -152,6 +182,73 @@ extern "C" {
         label_values_length: usize,
         value: u64,
     ) -> i32;
+    fn envoy_dynamic_module_callback_http_filter_config_define_gauge(
+        config: *mut c_void,
+        name: ModuleBuffer,
+        label_names: *const ModuleBuffer,
+        label_names_length: usize,
+        id: *mut usize,
+    ) -> i32;
+    fn envoy_dynamic_module_callback_http_filter_set_gauge(
+        filter: *mut c_void,
+        id: usize,
+        label_values: *const ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> i32;
+    fn envoy_dynamic_module_callback_http_filter_config_set_gauge(
+        config: *mut c_void,
+        id: usize,
+        label_values: *const ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> i32;
+    fn envoy_dynamic_module_callback_http_filter_config_increment_counter(
+        config: *mut c_void,
+        id: usize,
+        label_values: *const ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> i32;
+    fn envoy_dynamic_module_callback_http_filter_config_scheduler_new(config: *mut c_void) -> *mut c_void;
+    fn envoy_dynamic_module_callback_http_filter_config_scheduler_commit(scheduler: *mut c_void, event_id: u64);
+    fn envoy_dynamic_module_callback_http_filter_config_scheduler_delete(scheduler: *mut c_void);
+    fn envoy_dynamic_module_callback_http_filter_config_http_callout(
+        config: *mut c_void,
+        callout_id: *mut u64,
+        cluster: ModuleBuffer,
+        headers: *const ModuleHeader,
+        headers_size: usize,
+        body: ModuleBuffer,
+        timeout_milliseconds: u64,
+    ) -> i32;
+    fn envoy_dynamic_module_callback_http_get_metadata_string(
+        filter: *mut c_void,
+        source: i32,
+        namespace: ModuleBuffer,
+        key: ModuleBuffer,
+        result: *mut EnvoyBuffer,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_http_get_metadata_list_size(
+        filter: *mut c_void,
+        source: i32,
+        namespace: ModuleBuffer,
+        key: ModuleBuffer,
+        result: *mut usize,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_http_get_metadata_list_string(
+        filter: *mut c_void,
+        source: i32,
+        namespace: ModuleBuffer,
+        key: ModuleBuffer,
+        index: usize,
+        result: *mut EnvoyBuffer,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_http_filter_get_attribute_string(
+        filter: *mut c_void,
+        attribute_id: i32,
+        result: *mut EnvoyBuffer,
+    ) -> bool;
 }
 
 /// Envoy log levels as the ABI numbers them.
@@ -172,16 +269,27 @@ pub(crate) enum BodyBuffer {
     Buffered,
 }
 
-/// Envoy's per-filter-config object, valid during `config_new`.
+/// Envoy's per-filter-config object. Valid from `config_new` until `config_destroy`; safe code
+/// only uses it inside the hooks Envoy passes it to.
+#[derive(Clone, Copy)]
 pub struct ConfigHandle(*mut c_void);
 
 impl ConfigHandle {
-    /// Defines a counter or histogram; returns Envoy's id for it.
-    pub(crate) fn define_metric(&self, name: &str, histogram: bool) -> Option<usize> {
+    /// Defines a counter, histogram or gauge; returns Envoy's id for it.
+    pub(crate) fn define_metric(&self, name: &str, kind: payload_processor_core::MetricKind) -> Option<usize> {
+        let histogram = kind == payload_processor_core::MetricKind::Histogram;
         let mut id = 0usize;
         // SAFETY: the config pointer is valid during config_new; buffers outlive the call.
         let result = unsafe {
-            if histogram {
+            if kind == payload_processor_core::MetricKind::Gauge {
+                envoy_dynamic_module_callback_http_filter_config_define_gauge(
+                    self.0,
+                    ModuleBuffer::of(name.as_bytes()),
+                    ptr::null(),
+                    0,
+                    &mut id,
+                )
+            } else if histogram {
                 envoy_dynamic_module_callback_http_filter_config_define_histogram(
                     self.0,
                     ModuleBuffer::of(name.as_bytes()),
@@ -200,6 +308,79 @@ impl ConfigHandle {
             }
         };
         (result == METRICS_SUCCESS).then_some(id)
+    }
+
+    /// Adds to a counter from the main thread (background work).
+    pub(crate) fn increment_counter(&self, id: usize, by: u64) {
+        // SAFETY: called from a config hook, while the config is alive.
+        unsafe { envoy_dynamic_module_callback_http_filter_config_increment_counter(self.0, id, ptr::null(), 0, by) };
+    }
+
+    /// Sets a gauge from the main thread (background work).
+    pub(crate) fn set_gauge(&self, id: usize, value: u64) {
+        // SAFETY: called from a config hook, while the config is alive.
+        unsafe { envoy_dynamic_module_callback_http_filter_config_set_gauge(self.0, id, ptr::null(), 0, value) };
+    }
+
+    /// Starts an HTTP call through `cluster` from the main thread; Envoy reports the answer
+    /// to `on_http_filter_config_http_callout_done` with the returned id.
+    pub(crate) fn http_callout(
+        &self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        timeout_ms: u64,
+    ) -> Result<u64, String> {
+        let headers = module_headers(headers);
+        let mut id = 0u64;
+        // SAFETY: called from a config hook; headers and buffers outlive the call.
+        let result = unsafe {
+            envoy_dynamic_module_callback_http_filter_config_http_callout(
+                self.0,
+                &mut id,
+                ModuleBuffer::of(cluster.as_bytes()),
+                headers.as_ptr(),
+                headers.len(),
+                ModuleBuffer::of(body),
+                timeout_ms,
+            )
+        };
+        match result {
+            0 => Ok(id),
+            other => Err(CALLOUT_INIT_RESULTS
+                .get(other as usize)
+                .map_or_else(|| format!("callout refused ({other})"), |reason| (*reason).to_string())),
+        }
+    }
+
+    /// A scheduler whose commits run `on_http_filter_config_scheduled` on the main thread.
+    pub(crate) fn new_scheduler(&self) -> Option<ConfigScheduler> {
+        // SAFETY: the config pointer is valid during config_new.
+        let raw = unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_new(self.0) };
+        (!raw.is_null()).then_some(ConfigScheduler(raw))
+    }
+}
+
+/// Envoy's config-level scheduler. `commit` may be called from any thread (that is its
+/// purpose); it is deleted exactly once, on drop.
+pub(crate) struct ConfigScheduler(*mut c_void);
+
+// SAFETY: Envoy's scheduler posts to the main dispatcher under its own lock; committing from
+// another thread is the documented use.
+unsafe impl Send for ConfigScheduler {}
+unsafe impl Sync for ConfigScheduler {}
+
+impl ConfigScheduler {
+    pub(crate) fn commit(&self, event_id: u64) {
+        // SAFETY: the pointer came from scheduler_new and is deleted only on drop.
+        unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_commit(self.0, event_id) };
+    }
+}
+
+impl Drop for ConfigScheduler {
+    fn drop(&mut self) {
+        // SAFETY: created by scheduler_new, deleted once.
+        unsafe { envoy_dynamic_module_callback_http_filter_config_scheduler_delete(self.0) };
     }
 }
 
@@ -371,6 +552,51 @@ impl FilterHandle {
     pub(crate) fn record_histogram(&self, id: usize, value: u64) {
         unsafe { envoy_dynamic_module_callback_http_filter_record_histogram_value(self.0, id, ptr::null(), 0, value) };
     }
+
+    pub(crate) fn set_gauge(&self, id: usize, value: u64) {
+        unsafe { envoy_dynamic_module_callback_http_filter_set_gauge(self.0, id, ptr::null(), 0, value) };
+    }
+
+    /// The string items of a list in dynamic metadata, or a string value; `None` when absent.
+    pub(crate) fn metadata_strings(&self, namespace: &str, key: &str) -> Option<Vec<String>> {
+        let ns = ModuleBuffer::of(namespace.as_bytes());
+        let key = ModuleBuffer::of(key.as_bytes());
+        let mut size = 0usize;
+        if unsafe {
+            envoy_dynamic_module_callback_http_get_metadata_list_size(self.0, METADATA_SOURCE_DYNAMIC, ns, key, &mut size)
+        } {
+            let items = (0..size)
+                .filter_map(|index| {
+                    let mut item = empty_envoy_buffer();
+                    let found = unsafe {
+                        envoy_dynamic_module_callback_http_get_metadata_list_string(
+                            self.0,
+                            METADATA_SOURCE_DYNAMIC,
+                            ns,
+                            key,
+                            index,
+                            &mut item,
+                        )
+                    };
+                    found.then(|| String::from_utf8_lossy(envoy_bytes(item)).into_owned())
+                })
+                .collect();
+            return Some(items);
+        }
+        let mut value = empty_envoy_buffer();
+        let found = unsafe {
+            envoy_dynamic_module_callback_http_get_metadata_string(self.0, METADATA_SOURCE_DYNAMIC, ns, key, &mut value)
+        };
+        found.then(|| vec![String::from_utf8_lossy(envoy_bytes(value)).into_owned()])
+    }
+
+    /// The `upstream.address` attribute (`ip:port`), once an upstream host was chosen.
+    pub(crate) fn upstream_address(&self) -> Option<String> {
+        let mut value = empty_envoy_buffer();
+        let found =
+            unsafe { envoy_dynamic_module_callback_http_filter_get_attribute_string(self.0, ATTRIBUTE_UPSTREAM_ADDRESS, &mut value) };
+        (found && value.length > 0).then(|| String::from_utf8_lossy(envoy_bytes(value)).into_owned())
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -410,7 +636,11 @@ pub fn on_config_new(
 #[doc(hidden)]
 pub unsafe fn on_config_destroy(config: *const c_void) {
     if !config.is_null() {
-        drop(Arc::from_raw(config.cast::<ModuleConfig>()));
+        let config = Arc::from_raw(config.cast::<ModuleConfig>());
+        // The ticker must stop before Envoy's config goes away, even while streams still
+        // hold the chain.
+        config.stop_background();
+        drop(config);
     }
 }
 
@@ -435,6 +665,81 @@ pub unsafe fn on_filter_new(config: *const c_void) -> *const c_void {
 pub unsafe fn on_filter_destroy(filter: *const c_void) {
     if !filter.is_null() {
         drop(Box::from_raw(filter.cast_mut().cast::<HttpFilter>()));
+    }
+}
+
+/// # Safety
+/// `config` must come from [`on_config_new`] and still be alive; `envoy` is Envoy's config.
+#[doc(hidden)]
+pub unsafe fn on_config_scheduled(envoy: *mut c_void, config: *const c_void) {
+    if config.is_null() {
+        return;
+    }
+    let config = &*config.cast::<ModuleConfig>();
+    let handle = ConfigHandle(envoy);
+    if catch_unwind(AssertUnwindSafe(|| config.on_tick(handle))).is_err() {
+        log::error!("payload-processor: panic in background work contained");
+    }
+}
+
+/// # Safety
+/// As [`on_config_scheduled`]; `headers`/`chunks` must describe `*_size` valid items.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn on_config_callout_done(
+    envoy: *mut c_void,
+    config: *const c_void,
+    id: u64,
+    result: i32,
+    headers: *const EnvoyHeader,
+    headers_size: usize,
+    chunks: *const EnvoyBuffer,
+    chunks_size: usize,
+) {
+    if config.is_null() {
+        return;
+    }
+    let config = &*config.cast::<ModuleConfig>();
+    let outcome = if result == 0 {
+        let headers: &[EnvoyHeader] = if headers.is_null() || headers_size == 0 {
+            &[]
+        } else {
+            std::slice::from_raw_parts(headers, headers_size)
+        };
+        let chunks: &[EnvoyBuffer] = if chunks.is_null() || chunks_size == 0 {
+            &[]
+        } else {
+            std::slice::from_raw_parts(chunks, chunks_size)
+        };
+        let mut response = payload_processor_core::CalloutResponse::default();
+        for header in headers {
+            let key = String::from_utf8_lossy(envoy_bytes(EnvoyBuffer {
+                ptr: header.key_ptr,
+                length: header.key_length,
+            }))
+            .into_owned();
+            let value = String::from_utf8_lossy(envoy_bytes(EnvoyBuffer {
+                ptr: header.value_ptr,
+                length: header.value_length,
+            }))
+            .into_owned();
+            if key == ":status" {
+                response.status = value.parse().unwrap_or(0);
+            }
+            response.headers.push((key, value));
+        }
+        for chunk in chunks {
+            response.body.extend_from_slice(envoy_bytes(*chunk));
+        }
+        Ok(response)
+    } else {
+        Err(CALLOUT_RESULTS
+            .get(result as usize)
+            .map_or_else(|| format!("callout failed ({result})"), |reason| (*reason).to_string()))
+    };
+    let handle = ConfigHandle(envoy);
+    if catch_unwind(AssertUnwindSafe(|| config.on_callout_done(handle, id, outcome))).is_err() {
+        log::error!("payload-processor: panic in background work contained");
     }
 }
 
@@ -624,6 +929,28 @@ macro_rules! export_envoy_dynamic_module {
             }
             #[no_mangle]
             extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(_e: *mut c_void, _f: *const c_void, _id: u64) {}
+            #[no_mangle]
+            unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_scheduled(
+                e: *mut c_void,
+                c: *const c_void,
+                _id: u64,
+            ) {
+                ffi::on_config_scheduled(e, c)
+            }
+            #[no_mangle]
+            #[allow(clippy::too_many_arguments)]
+            unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_http_callout_done(
+                e: *mut c_void,
+                c: *const c_void,
+                id: u64,
+                result: i32,
+                headers: *const EnvoyHeader,
+                headers_size: usize,
+                chunks: *const EnvoyBuffer,
+                chunks_size: usize,
+            ) {
+                ffi::on_config_callout_done(e, c, id, result, headers, headers_size, chunks, chunks_size)
+            }
             #[no_mangle]
             extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(
                 _e: *mut c_void,

@@ -1,7 +1,7 @@
 //! [`Host`] over Envoy's per-stream callbacks.
 
-use crate::ffi::{BodyBuffer, FilterHandle};
-use payload_processor_core::{Direction, Host, MetricId};
+use crate::ffi::{BodyBuffer, ConfigHandle, FilterHandle};
+use payload_processor_core::{BackgroundHost, CalloutError, CalloutRequest, Direction, Host, MetricId};
 use std::sync::OnceLock;
 use std::time::Instant;
 
@@ -104,8 +104,7 @@ impl Host for EnvoyHost<'_> {
     }
 
     fn now_nanos(&self) -> u64 {
-        static START: OnceLock<Instant> = OnceLock::new();
-        u64::try_from(START.get_or_init(Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX)
+        monotonic_nanos()
     }
 
     fn unix_time_nanos(&self) -> u64 {
@@ -123,6 +122,74 @@ impl Host for EnvoyHost<'_> {
     fn record_histogram(&mut self, id: MetricId, value: u64) {
         if let Some(Some(envoy_id)) = self.metric_ids.get(id.0) {
             self.filter.record_histogram(*envoy_id, value);
+        }
+    }
+
+    fn set_gauge(&mut self, id: MetricId, value: u64) {
+        if let Some(Some(envoy_id)) = self.metric_ids.get(id.0) {
+            self.filter.set_gauge(*envoy_id, value);
+        }
+    }
+
+    fn metadata_strings(&self, namespace: &str, key: &str) -> Vec<String> {
+        self.filter
+            .metadata_strings(namespace, key)
+            .unwrap_or_default()
+            .iter()
+            .flat_map(|value| value.split(','))
+            .map(|item| item.trim().to_string())
+            .filter(|item| !item.is_empty())
+            .collect()
+    }
+
+    fn upstream_address(&self) -> Option<String> {
+        self.filter.upstream_address()
+    }
+}
+
+/// One clock for streams and background work, so deadlines and ages compare.
+fn monotonic_nanos() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    u64::try_from(START.get_or_init(Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// [`BackgroundHost`] over Envoy's config-level callbacks, on the main thread.
+pub(crate) struct EnvoyBackgroundHost<'a> {
+    config: ConfigHandle,
+    metric_ids: &'a [Option<usize>],
+}
+
+impl<'a> EnvoyBackgroundHost<'a> {
+    pub(crate) fn new(config: ConfigHandle, metric_ids: &'a [Option<usize>]) -> Self {
+        Self { config, metric_ids }
+    }
+}
+
+impl BackgroundHost for EnvoyBackgroundHost<'_> {
+    fn now_nanos(&self) -> u64 {
+        monotonic_nanos()
+    }
+
+    fn http_callout(&mut self, request: &CalloutRequest) -> Result<u64, CalloutError> {
+        let mut headers: Vec<(&str, &str)> = vec![
+            (":method", &request.method),
+            (":path", &request.path),
+            (":authority", &request.authority),
+        ];
+        headers.extend(request.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let timeout_ms = u64::try_from(request.timeout.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.config.http_callout(&request.cluster, &headers, &request.body, timeout_ms)
+    }
+
+    fn increment_counter(&mut self, id: MetricId, by: u64) {
+        if let Some(Some(envoy_id)) = self.metric_ids.get(id.0) {
+            self.config.increment_counter(*envoy_id, by);
+        }
+    }
+
+    fn set_gauge(&mut self, id: MetricId, value: u64) {
+        if let Some(Some(envoy_id)) = self.metric_ids.get(id.0) {
+            self.config.set_gauge(*envoy_id, value);
         }
     }
 }

@@ -23,10 +23,13 @@ mod host;
 
 pub use payload_processor_core::Registry;
 
-use ffi::{ConfigHandle, Event, FilterHandle};
-use host::EnvoyHost;
-use payload_processor_core::{BodyFlow, Chain, HeadersFlow, MetricKind, Stream};
-use std::sync::Arc;
+use ffi::{ConfigHandle, ConfigScheduler, Event, FilterHandle};
+use host::{EnvoyBackgroundHost, EnvoyHost};
+use payload_processor_core::{BodyFlow, CalloutError, CalloutResponse, Chain, HeadersFlow, Stream};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 #[cfg(feature = "builtin-exports")]
 export_envoy_dynamic_module!(payload_processor_plugins::builtin_registry);
@@ -35,6 +38,55 @@ export_envoy_dynamic_module!(payload_processor_plugins::builtin_registry);
 pub struct ModuleConfig {
     chain: Arc<Chain>,
     metric_ids: Vec<Option<usize>>,
+    /// Drives the chain's background work, when it has any.
+    ticker: Mutex<Option<Ticker>>,
+    background: Mutex<BackgroundState>,
+}
+
+/// Callout answers that arrived while a tick was still starting callouts (Envoy may answer a
+/// failing call inline), delivered once the tick registered its handles.
+#[derive(Default)]
+struct BackgroundState {
+    in_tick: bool,
+    early: Vec<(u64, Result<CalloutResponse, CalloutError>)>,
+}
+
+/// A thread that wakes every tick interval and commits an event on Envoy's config-level
+/// scheduler, so the tick itself runs on Envoy's main thread (where config-level callouts are
+/// allowed). Stopped and joined before the scheduler is deleted.
+struct Ticker {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Ticker {
+    fn start(scheduler: ConfigScheduler, interval: Duration) -> Option<Self> {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("payload-processor-ticker".into())
+            .spawn(move || {
+                // recv_timeout doubles as an interruptible sleep: any message or a dropped
+                // sender ends the loop.
+                while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
+                    scheduler.commit(0);
+                }
+                drop(scheduler);
+            })
+            .ok()?;
+        Some(Self {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 impl ModuleConfig {
@@ -51,13 +103,28 @@ impl ModuleConfig {
                 let metric_ids = chain
                     .metrics()
                     .iter()
-                    .map(|metric| handle.define_metric(&metric.name, metric.kind == MetricKind::Histogram))
+                    .map(|metric| handle.define_metric(&metric.name, metric.kind))
                     .collect();
                 let names: Vec<&str> = chain.processor_names().collect();
                 log::info!("payload-processor {name}: loaded chain [{}]", names.join(", "));
+                let ticker = match chain.tick_interval() {
+                    Some(interval) => {
+                        let Some(ticker) = handle
+                            .new_scheduler()
+                            .and_then(|scheduler| Ticker::start(scheduler, interval.max(Duration::from_millis(1))))
+                        else {
+                            log::error!("payload-processor {name}: cannot start the background ticker");
+                            return None;
+                        };
+                        Some(ticker)
+                    }
+                    None => None,
+                };
                 Some(Self {
                     chain: Arc::new(chain),
                     metric_ids,
+                    ticker: Mutex::new(ticker),
+                    background: Mutex::new(BackgroundState::default()),
                 })
             }
             Err(err) => {
@@ -65,6 +132,46 @@ impl ModuleConfig {
                 None
             }
         }
+    }
+}
+
+impl ModuleConfig {
+    fn lock_background(&self) -> std::sync::MutexGuard<'_, BackgroundState> {
+        self.background.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A tick on the main thread: the chain's background work, then any answers that came
+    /// back while it was starting callouts.
+    fn on_tick(&self, handle: ConfigHandle) {
+        let mut host = EnvoyBackgroundHost::new(handle, &self.metric_ids);
+        self.lock_background().in_tick = true;
+        self.chain.on_tick(&mut host);
+        let early = {
+            let mut state = self.lock_background();
+            state.in_tick = false;
+            std::mem::take(&mut state.early)
+        };
+        for (id, result) in early {
+            self.chain.on_callout_done(&mut host, id, result);
+        }
+    }
+
+    fn on_callout_done(&self, handle: ConfigHandle, id: u64, result: Result<CalloutResponse, CalloutError>) {
+        {
+            let mut state = self.lock_background();
+            if state.in_tick {
+                state.early.push((id, result));
+                return;
+            }
+        }
+        let mut host = EnvoyBackgroundHost::new(handle, &self.metric_ids);
+        self.chain.on_callout_done(&mut host, id, result);
+    }
+
+    /// Stops the ticker now (Envoy is destroying this configuration).
+    fn stop_background(&self) {
+        let ticker = self.ticker.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        drop(ticker);
     }
 }
 

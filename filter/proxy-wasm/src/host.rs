@@ -1,6 +1,8 @@
 //! [`Host`] over proxy-wasm host calls.
 
-use payload_processor_core::{Direction, Host, MetricId};
+use payload_processor_core::{BackgroundHost, CalloutError, CalloutRequest, Direction, Host, MetricId};
+use proxy_wasm::traits::Context;
+use prost::Message;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType};
 use std::time::UNIX_EPOCH;
@@ -117,10 +119,7 @@ impl Host for WasmHost<'_> {
     }
 
     fn now_nanos(&self) -> u64 {
-        hostcalls::get_current_time()
-            .ok()
-            .and_then(|now| now.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |since| u64::try_from(since.as_nanos()).unwrap_or(u64::MAX))
+        wall_clock_nanos()
     }
 
     fn unix_time_nanos(&self) -> u64 {
@@ -137,5 +136,159 @@ impl Host for WasmHost<'_> {
         if let Some(Some(metric)) = self.metric_ids.get(id.0) {
             let _ = hostcalls::record_metric(*metric, value);
         }
+    }
+
+    fn set_gauge(&mut self, id: MetricId, value: u64) {
+        if let Some(Some(metric)) = self.metric_ids.get(id.0) {
+            let _ = hostcalls::record_metric(*metric, value);
+        }
+    }
+
+    fn metadata_strings(&self, namespace: &str, key: &str) -> Vec<String> {
+        let Some(bytes) = hostcalls::get_property(vec!["metadata", "filter_metadata", namespace, key])
+            .ok()
+            .flatten()
+        else {
+            return Vec::new();
+        };
+        metadata_value_strings(&bytes)
+    }
+
+    fn upstream_address(&self) -> Option<String> {
+        let bytes = hostcalls::get_property(vec!["upstream", "address"]).ok().flatten()?;
+        Some(String::from_utf8_lossy(&bytes).into_owned()).filter(|address| !address.is_empty())
+    }
+
+    fn set_original_destination(&mut self, endpoint: &str) {
+        // Typed filter state every ORIGINAL_DST cluster honours (over header and metadata), set
+        // through Envoy's `set_envoy_filter_state` foreign function.
+        let arguments = SetEnvoyFilterStateArguments {
+            path: "envoy.network.transport_socket.original_dst_address".into(),
+            value: endpoint.into(),
+            span: LIFE_SPAN_DOWNSTREAM_REQUEST,
+        };
+        if let Err(status) = hostcalls::call_foreign_function("set_envoy_filter_state", Some(&arguments.encode_to_vec())) {
+            log::warn!("payload-processor: cannot set the original destination filter state: {status:?}");
+        }
+    }
+}
+
+/// [`BackgroundHost`] over a root context: HTTP calls through `dispatch_http_call` (so the SDK
+/// routes the answer back to the root context), metrics as for streams.
+pub(crate) struct WasmBackgroundHost<'a> {
+    root: &'a dyn Context,
+    metric_ids: &'a [Option<u32>],
+}
+
+impl<'a> WasmBackgroundHost<'a> {
+    pub(crate) fn new(root: &'a dyn Context, metric_ids: &'a [Option<u32>]) -> Self {
+        Self { root, metric_ids }
+    }
+}
+
+impl BackgroundHost for WasmBackgroundHost<'_> {
+    fn now_nanos(&self) -> u64 {
+        wall_clock_nanos()
+    }
+
+    fn http_callout(&mut self, request: &CalloutRequest) -> Result<u64, CalloutError> {
+        let mut headers: Vec<(&str, &str)> = vec![
+            (":method", &request.method),
+            (":path", &request.path),
+            (":authority", &request.authority),
+        ];
+        headers.extend(request.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let body = (!request.body.is_empty()).then_some(request.body.as_slice());
+        self.root
+            .dispatch_http_call(&request.cluster, headers, body, Vec::new(), request.timeout)
+            .map(u64::from)
+            .map_err(|status| format!("dispatch_http_call to cluster {} refused: {status:?}", request.cluster))
+    }
+
+    fn increment_counter(&mut self, id: MetricId, by: u64) {
+        if let Some(Some(metric)) = self.metric_ids.get(id.0) {
+            let _ = hostcalls::increment_metric(*metric, i64::try_from(by).unwrap_or(i64::MAX));
+        }
+    }
+
+    fn set_gauge(&mut self, id: MetricId, value: u64) {
+        if let Some(Some(metric)) = self.metric_ids.get(id.0) {
+            let _ = hostcalls::record_metric(*metric, value);
+        }
+    }
+}
+
+fn wall_clock_nanos() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|now| now.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |since| u64::try_from(since.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// The argument message of Envoy's `set_envoy_filter_state` foreign function
+/// (`envoy.source.extensions.common.wasm.SetEnvoyFilterStateArguments`).
+#[derive(Clone, PartialEq, prost::Message)]
+struct SetEnvoyFilterStateArguments {
+    #[prost(string, tag = "1")]
+    path: String,
+    #[prost(string, tag = "2")]
+    value: String,
+    #[prost(int32, tag = "3")]
+    span: i32,
+}
+
+/// `LifeSpan::DownstreamRequest`.
+const LIFE_SPAN_DOWNSTREAM_REQUEST: i32 = 1;
+
+/// A metadata value as Envoy's wasm host serializes it: a list arrives as a serialized
+/// `google.protobuf.ListValue`, a string as its bytes. Strings split at commas.
+fn metadata_value_strings(bytes: &[u8]) -> Vec<String> {
+    let from_list: Vec<String> = prost_types::ListValue::decode(bytes)
+        .map(|list| {
+            list.values
+                .into_iter()
+                .filter_map(|value| match value.kind {
+                    Some(prost_types::value::Kind::StringValue(text)) => Some(text),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let texts = if from_list.is_empty() {
+        vec![String::from_utf8_lossy(bytes).into_owned()]
+    } else {
+        from_list
+    };
+    texts
+        .iter()
+        .flat_map(|text| text.split(','))
+        .map(|item| item.trim().to_string())
+        .filter(|item| !item.is_empty())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_lists_and_strings_both_read_as_items() {
+        let list = prost_types::ListValue {
+            values: ["10.0.0.1:8000", "10.0.0.2:8000"]
+                .iter()
+                .map(|text| prost_types::Value {
+                    kind: Some(prost_types::value::Kind::StringValue((*text).into())),
+                })
+                .collect(),
+        };
+        assert_eq!(
+            metadata_value_strings(&list.encode_to_vec()),
+            vec!["10.0.0.1:8000", "10.0.0.2:8000"]
+        );
+        assert_eq!(
+            metadata_value_strings(b"10.0.0.1:8000, 10.0.0.3:9000"),
+            vec!["10.0.0.1:8000", "10.0.0.3:9000"]
+        );
+        assert!(metadata_value_strings(b"").is_empty());
     }
 }

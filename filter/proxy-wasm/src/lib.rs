@@ -13,7 +13,11 @@
 //! - Rust wasm builds abort on panic, so a plugin panic traps the VM instead of being caught;
 //!   with `failure_policy: FAIL_RELOAD` Envoy answers that request with 503 and starts a
 //!   fresh VM for the next one (the dynamic module answers 500 `processor_panic`);
-//! - Envoy prefixes wasm metrics with `wasmcustom.`.
+//! - Envoy prefixes wasm metrics with `wasmcustom.`;
+//! - background work (the endpoint picker's metric scrapes) runs on each VM's tick, so every
+//!   worker VM keeps its own view (the dynamic module shares one view across workers);
+//! - dynamic metadata cannot be written: the endpoint picker also sets the typed filter state
+//!   `envoy.network.transport_socket.original_dst_address`, which ORIGINAL_DST clusters honour.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -23,8 +27,8 @@ pub use payload_processor_core::Registry;
 #[doc(hidden)]
 pub use proxy_wasm;
 
-use host::WasmHost;
-use payload_processor_core::Direction;
+use host::{WasmBackgroundHost, WasmHost};
+use payload_processor_core::{CalloutResponse, Direction};
 use payload_processor_core::{BodyFlow, Chain, HeadersFlow, MetricKind, Stream};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
@@ -75,7 +79,29 @@ struct Root {
     loaded: Option<Loaded>,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
+        let Some(loaded) = &self.loaded else { return };
+        let chain = Arc::clone(&loaded.chain);
+        let metric_ids = Arc::clone(&loaded.metric_ids);
+        // Envoy reports a failed call (connect failure, reset, timeout) as an answer without
+        // headers.
+        let result = if num_headers == 0 {
+            Err("no response (connection failure, reset or timeout)".to_string())
+        } else {
+            let headers: Vec<(String, String)> = self.get_http_call_response_headers();
+            let status = headers
+                .iter()
+                .find(|(name, _)| name == ":status")
+                .and_then(|(_, value)| value.parse().ok())
+                .unwrap_or(0);
+            let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
+            Ok(CalloutResponse { status, headers, body })
+        };
+        let mut host = WasmBackgroundHost::new(self, &metric_ids);
+        chain.on_callout_done(&mut host, u64::from(token_id), result);
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -96,6 +122,7 @@ impl RootContext for Root {
                         let kind = match metric.kind {
                             MetricKind::Counter => MetricType::Counter,
                             MetricKind::Histogram => MetricType::Histogram,
+                            MetricKind::Gauge => MetricType::Gauge,
                         };
                         proxy_wasm::hostcalls::define_metric(kind, &format!("payload_processor.{}", metric.name)).ok()
                     })
@@ -104,6 +131,10 @@ impl RootContext for Root {
                 log::info!("payload-processor: loaded chain [{}]", names.join(", "));
                 let memory_gauge =
                     proxy_wasm::hostcalls::define_metric(MetricType::Gauge, "payload_processor.wasm_memory_bytes").ok();
+                // Background work (metric scrapes) runs on this VM's tick: one view per VM.
+                if let Some(interval) = chain.tick_interval() {
+                    self.set_tick_period(interval.max(std::time::Duration::from_millis(1)));
+                }
                 self.loaded = Some(Loaded {
                     chain: Arc::new(chain),
                     metric_ids,
@@ -116,6 +147,14 @@ impl RootContext for Root {
                 false
             }
         }
+    }
+
+    fn on_tick(&mut self) {
+        let Some(loaded) = &self.loaded else { return };
+        let chain = Arc::clone(&loaded.chain);
+        let metric_ids = Arc::clone(&loaded.metric_ids);
+        let mut host = WasmBackgroundHost::new(self, &metric_ids);
+        chain.on_tick(&mut host);
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {

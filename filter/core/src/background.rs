@@ -1,0 +1,103 @@
+//! Work a plugin does off the request path: a periodic tick and HTTP calls through the proxy's
+//! own clusters (the endpoint picker scrapes model-server metrics this way).
+//!
+//! The adapter drives it: the dynamic module from a config-level scheduler on Envoy's main
+//! thread (one view shared by every worker), proxy-wasm from each VM's root-context tick (one
+//! view per worker VM). Plugins only see [`BackgroundContext`].
+
+use crate::host::MetricId;
+use crate::plugin::{Counter, Gauge};
+use std::time::Duration;
+
+/// An HTTP request sent from the background through a proxy cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CalloutRequest {
+    /// The proxy's cluster to send it to.
+    pub cluster: String,
+    /// `:method`.
+    pub method: String,
+    /// `:path`.
+    pub path: String,
+    /// `:authority` (`host`).
+    pub authority: String,
+    /// Further headers.
+    pub headers: Vec<(String, String)>,
+    /// Request body (empty for none).
+    pub body: Vec<u8>,
+    /// How long the proxy waits for the whole answer.
+    pub timeout: Duration,
+}
+
+/// The answer to a [`CalloutRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CalloutResponse {
+    /// HTTP status (0 when the proxy gave none).
+    pub status: u16,
+    /// Response headers.
+    pub headers: Vec<(String, String)>,
+    /// Response body.
+    pub body: Vec<u8>,
+}
+
+/// Why a callout produced no answer (connection failure, timeout, reset, unknown cluster).
+pub type CalloutError = String;
+
+/// What the adapter offers background work.
+pub trait BackgroundHost {
+    /// Monotonic clock in nanoseconds, the same clock streams see.
+    fn now_nanos(&self) -> u64;
+    /// Starts an HTTP call; returns the adapter's handle for it. The answer must come back
+    /// through [`crate::Chain::on_callout_done`] with that handle.
+    fn http_callout(&mut self, request: &CalloutRequest) -> Result<u64, CalloutError>;
+    /// Adds to a counter declared by the chain.
+    fn increment_counter(&mut self, id: MetricId, by: u64);
+    /// Sets a gauge declared by the chain.
+    fn set_gauge(&mut self, id: MetricId, value: u64);
+}
+
+/// Background work of a plugin; a plugin opts in through [`crate::Plugin::background`].
+pub trait Background: Send + Sync {
+    /// How often [`Background::on_tick`] runs.
+    fn tick_interval(&self) -> Duration;
+    /// Runs on every tick.
+    fn on_tick(&self, ctx: &mut BackgroundContext<'_>);
+    /// The answer (or failure) of a callout sent with [`BackgroundContext::send`] and `tag`.
+    fn on_callout_done(&self, ctx: &mut BackgroundContext<'_>, tag: u64, result: Result<CalloutResponse, CalloutError>);
+}
+
+/// A plugin's view of the host while it does background work.
+pub struct BackgroundContext<'a> {
+    pub(crate) host: &'a mut dyn BackgroundHost,
+    pub(crate) counters: &'a [MetricId],
+    pub(crate) gauges: &'a [MetricId],
+    /// Callouts this plugin started during this call: (host handle, plugin tag).
+    pub(crate) started: Vec<(u64, u64)>,
+}
+
+impl BackgroundContext<'_> {
+    /// The host's monotonic clock, in nanoseconds.
+    pub fn now_nanos(&self) -> u64 {
+        self.host.now_nanos()
+    }
+
+    /// Sends an HTTP request; its answer comes to [`Background::on_callout_done`] with `tag`.
+    pub fn send(&mut self, request: &CalloutRequest, tag: u64) -> Result<(), CalloutError> {
+        let handle = self.host.http_callout(request)?;
+        self.started.push((handle, tag));
+        Ok(())
+    }
+
+    /// Adds one to a counter declared by this processor.
+    pub fn increment(&mut self, counter: Counter) {
+        if let Some(id) = self.counters.get(counter.0) {
+            self.host.increment_counter(*id, 1);
+        }
+    }
+
+    /// Sets a gauge declared by this processor.
+    pub fn set_gauge(&mut self, gauge: Gauge, value: u64) {
+        if let Some(id) = self.gauges.get(gauge.0) {
+            self.host.set_gauge(*id, value);
+        }
+    }
+}

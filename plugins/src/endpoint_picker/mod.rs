@@ -1,0 +1,837 @@
+//! `endpoint-picker`: chooses the model-server pod for each inference request inside Envoy,
+//! the Gateway API Inference Extension's endpoint-picker protocol without the ext_proc hop.
+//!
+//! ```yaml
+//! - name: epp
+//!   type: endpoint-picker
+//!   parameters:
+//!     endpoints: ["10.0.0.1:8000", {address: "10.0.0.2:8000", adapters: [sql-lora]}]
+//!     metricsCluster: model_pool      # an Envoy cluster reaching every endpoint
+//!     scrapeInterval: 50ms
+//!     staleAfter: 200ms
+//!     scorers: {queue: 2, kvCache: 2, prefixCache: 3, loraAffinity: 1}
+//!     fallbackEndpoints: 1            # ordered retry candidates for override_host
+//! ```
+//!
+//! - **Metrics**: every `scrapeInterval` each endpoint's `metricsPath` is fetched through the
+//!   host's HTTP callouts to `metricsCluster`, with the endpoint in the callout's
+//!   `x-gateway-destination-endpoint` header (so one ORIGINAL_DST cluster reaches them all),
+//!   and parsed as Prometheus text (vLLM names by default, configurable in `metricNames`).
+//!   Without `metricsCluster` nothing is scraped and no endpoint goes stale.
+//! - **Scheduling**: endpoints outside the subset hint (dynamic metadata
+//!   `envoy.lb.subset_hint` / `x-gateway-destination-endpoint-subset`) are dropped, then stale
+//!   ones (no good scrape for `staleAfter`), then saturated ones (queue ≥ `queueDepth` and KV
+//!   usage ≥ `kvCacheUsage`) unless that would leave none; the rest are scored (queue depth
+//!   min-max normalised, KV-cache headroom, prefix-cache affinity over 64-byte prompt blocks,
+//!   LoRA affinity), the weighted sums ranked, ties broken at random.
+//! - **Protocol**: the winner (and `fallbackEndpoints` runners-up, comma-separated) goes to the
+//!   `x-gateway-destination-endpoint` request header and dynamic metadata `envoy.lb` (same
+//!   value), overwriting what a client sent. No eligible endpoint: an error (503 under
+//!   FailClosed; under FailOpen the cluster's own load balancing decides). A sheddable
+//!   request (`sheddableHeader: true`) when every endpoint is saturated: 429. The endpoint that
+//!   answered is reported as `x-gateway-destination-endpoint-served` (metadata `envoy.lb`,
+//!   and the response header `servedHeader` when set), and a successful answer teaches the
+//!   prefix index which prompt blocks that endpoint now caches.
+
+mod metrics;
+mod prefix;
+mod scheduler;
+
+pub use metrics::{parse as parse_metrics, LoraInfo, MetricNames, ServerMetrics};
+pub use prefix::{block_hashes, PrefixIndex};
+pub use scheduler::{rank, score, Candidate, Scores, Weights};
+
+use crate::body_field_to_header::validate_header_name;
+use payload_processor_core::config::deserialize_duration;
+use payload_processor_core::{
+    Background, BackgroundContext, BuildContext, CalloutError, CalloutRequest, CalloutResponse, ConfigError, Context,
+    Counter, Decision, Gauge, LocalReply, PhaseNeed, Plugin, PluginError,
+};
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+/// Registry key.
+pub const TYPE_NAME: &str = "endpoint-picker";
+
+/// The header (and `envoy.lb` metadata key) carrying the chosen endpoint(s).
+pub const DESTINATION: &str = "x-gateway-destination-endpoint";
+/// The metadata key reporting the endpoint that answered.
+pub const SERVED: &str = "x-gateway-destination-endpoint-served";
+/// Namespace of the chosen endpoint in dynamic metadata.
+pub const LB_NAMESPACE: &str = "envoy.lb";
+/// Namespace and key of the subset hint an earlier filter may leave.
+pub const SUBSET_NAMESPACE: &str = "envoy.lb.subset_hint";
+/// Key of the subset hint.
+pub const SUBSET_KEY: &str = "x-gateway-destination-endpoint-subset";
+
+/// One endpoint: `"ip:port"` or `{address, adapters}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum EndpointConfig {
+    /// `ip:port`.
+    Address(String),
+    /// `ip:port` with the LoRA adapters it serves.
+    Detailed {
+        /// `ip:port`.
+        address: String,
+        /// LoRA adapters known to be served there (metrics may report more).
+        #[serde(default)]
+        adapters: Vec<String>,
+    },
+}
+
+/// When an endpoint counts as saturated.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Saturation {
+    /// Waiting-queue depth at or above which...
+    #[serde(default = "default_queue_depth")]
+    pub queue_depth: f64,
+    /// ...together with KV-cache usage at or above this, the endpoint is saturated.
+    #[serde(default = "default_kv_cache_usage")]
+    pub kv_cache_usage: f64,
+}
+
+fn default_queue_depth() -> f64 {
+    5.0
+}
+fn default_kv_cache_usage() -> f64 {
+    0.8
+}
+
+impl Default for Saturation {
+    fn default() -> Self {
+        Self {
+            queue_depth: default_queue_depth(),
+            kv_cache_usage: default_kv_cache_usage(),
+        }
+    }
+}
+
+/// Scorer weights (zero turns one off).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ScorerWeights {
+    /// Queue depth.
+    #[serde(default = "two")]
+    pub queue: f64,
+    /// KV-cache headroom.
+    #[serde(default = "two")]
+    pub kv_cache: f64,
+    /// Prefix-cache affinity.
+    #[serde(default = "three")]
+    pub prefix_cache: f64,
+    /// LoRA affinity.
+    #[serde(default = "one")]
+    pub lora_affinity: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn two() -> f64 {
+    2.0
+}
+fn three() -> f64 {
+    3.0
+}
+
+impl Default for ScorerWeights {
+    fn default() -> Self {
+        Self {
+            queue: 2.0,
+            kv_cache: 2.0,
+            prefix_cache: 3.0,
+            lora_affinity: 1.0,
+        }
+    }
+}
+
+/// Prefix-cache index settings.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PrefixConfig {
+    /// Prompt bytes per block.
+    #[serde(default = "default_block_size")]
+    pub block_size: usize,
+    /// Blocks of a prompt considered (longer prompts: the first ones).
+    #[serde(default = "default_max_blocks")]
+    pub max_blocks: usize,
+    /// Blocks remembered per endpoint (LRU).
+    #[serde(default = "default_lru_capacity")]
+    pub lru_capacity_per_endpoint: usize,
+}
+
+fn default_block_size() -> usize {
+    64
+}
+fn default_max_blocks() -> usize {
+    256
+}
+fn default_lru_capacity() -> usize {
+    31_250
+}
+
+impl Default for PrefixConfig {
+    fn default() -> Self {
+        Self {
+            block_size: default_block_size(),
+            max_blocks: default_max_blocks(),
+            lru_capacity_per_endpoint: default_lru_capacity(),
+        }
+    }
+}
+
+/// Parameters.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// The pool.
+    pub endpoints: Vec<EndpointConfig>,
+    /// Envoy cluster that reaches every endpoint for metric scrapes; none: no scraping.
+    #[serde(default)]
+    pub metrics_cluster: Option<String>,
+    /// Path of the metrics page.
+    #[serde(default = "default_metrics_path")]
+    pub metrics_path: String,
+    /// How often each endpoint is scraped (default 50ms).
+    #[serde(default, deserialize_with = "deserialize_duration")]
+    pub scrape_interval: Option<Duration>,
+    /// How long a scrape may take (default 1s).
+    #[serde(default, deserialize_with = "deserialize_duration")]
+    pub scrape_timeout: Option<Duration>,
+    /// Metrics older than this make an endpoint stale (default 200ms).
+    #[serde(default, deserialize_with = "deserialize_duration")]
+    pub stale_after: Option<Duration>,
+    /// Metric names.
+    #[serde(default)]
+    pub metric_names: MetricNames,
+    /// Saturation thresholds.
+    #[serde(default)]
+    pub saturation: Saturation,
+    /// Scorer weights.
+    #[serde(default)]
+    pub scorers: ScorerWeights,
+    /// Prefix index settings.
+    #[serde(default)]
+    pub prefix: PrefixConfig,
+    /// How many runners-up follow the winner in the header, for override_host retries.
+    #[serde(default)]
+    pub fallback_endpoints: usize,
+    /// Request header marking a request sheddable (`true`/`1`/`yes`).
+    #[serde(default = "default_sheddable_header")]
+    pub sheddable_header: String,
+    /// Response header that reports the endpoint that answered (none by default).
+    #[serde(default)]
+    pub served_header: Option<String>,
+    /// Body field holding the model (LoRA affinity, prefix chain seed).
+    #[serde(default = "default_model_field")]
+    pub model_field: String,
+}
+
+fn default_metrics_path() -> String {
+    "/metrics".into()
+}
+fn default_sheddable_header() -> String {
+    "x-gateway-sheddable".into()
+}
+fn default_model_field() -> String {
+    "model".into()
+}
+
+/// An endpoint as configured.
+#[derive(Debug, Clone)]
+struct Endpoint {
+    address: String,
+    adapters: Vec<String>,
+    picks: Counter,
+    scrape_failures: Counter,
+    stale_skips: Counter,
+    metrics_age_ms: Gauge,
+}
+
+/// What the picker knows of an endpoint right now.
+#[derive(Debug, Clone, Default)]
+struct EndpointState {
+    metrics: ServerMetrics,
+    /// Host clock of the last good scrape.
+    scraped_at: Option<u64>,
+    /// Host clock when the scrape in flight started.
+    scrape_started: Option<u64>,
+    /// Host clock when the next scrape is due.
+    next_scrape: u64,
+}
+
+/// The plugin. Its pool view is shared by every stream of this configuration (every worker
+/// thread in the dynamic module; every stream of one VM in wasm).
+pub struct EndpointPicker {
+    name: String,
+    endpoints: Vec<Endpoint>,
+    state: RwLock<Vec<EndpointState>>,
+    prefix: PrefixIndex,
+    prefix_config: PrefixConfig,
+    metrics_cluster: Option<String>,
+    metrics_path: String,
+    metric_names: MetricNames,
+    scrape_interval: Duration,
+    scrape_timeout: Duration,
+    stale_after: Duration,
+    saturation: Saturation,
+    weights: Weights,
+    fallback_endpoints: usize,
+    sheddable_header: String,
+    served_header: Option<String>,
+    model_field: String,
+    reads_body: bool,
+    seed: AtomicU64,
+    no_endpoint: Counter,
+    shed: Counter,
+    served_other: Counter,
+}
+
+impl std::fmt::Debug for EndpointPicker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointPicker")
+            .field("name", &self.name)
+            .field("endpoints", &self.endpoints.iter().map(|e| &e.address).collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// A stat-name-safe form of an address (`10.0.0.1:8000` -> `10_0_0_1_8000`).
+fn stat_label(address: &str) -> String {
+    address
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect::<String>()
+        .trim_matches('_')
+        .to_string()
+}
+
+fn check_weight(value: f64, at: &str) -> Result<f64, ConfigError> {
+    if value.is_finite() && value >= 0.0 {
+        Ok(value)
+    } else {
+        Err(ConfigError::new(at, format!("weight {value} must be a finite number >= 0")))
+    }
+}
+
+/// Factory.
+pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugin>, ConfigError> {
+    let config: Config = ctx.parameters(parameters)?;
+    if config.endpoints.is_empty() {
+        return Err(ConfigError::new("endpoints", "at least one endpoint is required"));
+    }
+    let mut seen = HashSet::new();
+    let mut endpoints = Vec::with_capacity(config.endpoints.len());
+    for (index, endpoint) in config.endpoints.iter().enumerate() {
+        let (address, adapters, at) = match endpoint {
+            EndpointConfig::Address(address) => (address, &[][..], format!("endpoints[{index}]")),
+            EndpointConfig::Detailed { address, adapters } => {
+                (address, adapters.as_slice(), format!("endpoints[{index}].address"))
+            }
+        };
+        let parsed: SocketAddr = address
+            .trim()
+            .parse()
+            .map_err(|_| ConfigError::new(&at, format!("{address:?} is not an ip:port address")))?;
+        if parsed.port() == 0 {
+            return Err(ConfigError::new(&at, format!("{address:?} needs a port")));
+        }
+        // Envoy writes IPv6 hosts as [addr]:port; so do we, whatever spelling was configured.
+        let address = parsed.to_string();
+        if !seen.insert(address.clone()) {
+            return Err(ConfigError::new(&at, format!("duplicate endpoint {address}")));
+        }
+        if let Some(position) = adapters.iter().position(|a| a.trim().is_empty()) {
+            return Err(ConfigError::new(
+                format!("endpoints[{index}].adapters[{position}]"),
+                "adapter names must not be empty",
+            ));
+        }
+        let label = format!("endpoint.{}", stat_label(&address));
+        endpoints.push(Endpoint {
+            adapters: adapters.to_vec(),
+            picks: ctx.counter(&format!("{label}.picks")),
+            scrape_failures: ctx.counter(&format!("{label}.scrape_failures")),
+            stale_skips: ctx.counter(&format!("{label}.stale_skips")),
+            metrics_age_ms: ctx.gauge(&format!("{label}.metrics_age_ms")),
+            address,
+        });
+    }
+    if let Some(cluster) = &config.metrics_cluster {
+        if cluster.trim().is_empty() {
+            return Err(ConfigError::new("metricsCluster", "must not be empty"));
+        }
+    }
+    if !config.metrics_path.starts_with('/') {
+        return Err(ConfigError::new("metricsPath", "must start with /"));
+    }
+    for (names, at) in [
+        (&config.metric_names.waiting, "metricNames.waiting"),
+        (&config.metric_names.kv_cache_usage, "metricNames.kvCacheUsage"),
+    ] {
+        if names.is_empty() {
+            return Err(ConfigError::new(at, "at least one metric name is required"));
+        }
+    }
+    let saturation = config.saturation;
+    if !(saturation.queue_depth.is_finite() && saturation.queue_depth >= 0.0) {
+        return Err(ConfigError::new("saturation.queueDepth", "must be a number >= 0"));
+    }
+    if !(0.0..=1.0).contains(&saturation.kv_cache_usage) {
+        return Err(ConfigError::new("saturation.kvCacheUsage", "must be between 0 and 1"));
+    }
+    let weights = Weights {
+        queue: check_weight(config.scorers.queue, "scorers.queue")?,
+        kv_cache: check_weight(config.scorers.kv_cache, "scorers.kvCache")?,
+        prefix_cache: check_weight(config.scorers.prefix_cache, "scorers.prefixCache")?,
+        lora_affinity: check_weight(config.scorers.lora_affinity, "scorers.loraAffinity")?,
+    };
+    let prefix_config = config.prefix;
+    if prefix_config.block_size == 0 || prefix_config.max_blocks == 0 {
+        return Err(ConfigError::new("prefix", "blockSize and maxBlocks must be greater than zero"));
+    }
+    let capacity = NonZeroUsize::new(prefix_config.lru_capacity_per_endpoint)
+        .ok_or_else(|| ConfigError::new("prefix.lruCapacityPerEndpoint", "must be greater than zero"))?;
+    if config.fallback_endpoints >= endpoints.len() {
+        return Err(ConfigError::new(
+            "fallbackEndpoints",
+            format!("{} fallbacks need more than {} endpoints", config.fallback_endpoints, endpoints.len()),
+        ));
+    }
+    validate_header_name(&config.sheddable_header, "sheddableHeader")?;
+    if let Some(header) = &config.served_header {
+        validate_header_name(header, "servedHeader")?;
+    }
+    let model_field = config.model_field.trim().to_string();
+    if model_field.is_empty() {
+        return Err(ConfigError::new("modelField", "must not be empty"));
+    }
+    let reads_body = weights.prefix_cache > 0.0 || weights.lora_affinity > 0.0;
+    let count = endpoints.len();
+    Ok(Arc::new(EndpointPicker {
+        name: ctx.processor_name().to_string(),
+        state: RwLock::new(vec![EndpointState::default(); count]),
+        prefix: PrefixIndex::new(count, capacity),
+        endpoints,
+        prefix_config,
+        metrics_cluster: config.metrics_cluster,
+        metrics_path: config.metrics_path,
+        metric_names: config.metric_names,
+        scrape_interval: config.scrape_interval.unwrap_or(Duration::from_millis(50)),
+        scrape_timeout: config.scrape_timeout.unwrap_or(Duration::from_secs(1)),
+        stale_after: config.stale_after.unwrap_or(Duration::from_millis(200)),
+        saturation,
+        weights,
+        fallback_endpoints: config.fallback_endpoints,
+        sheddable_header: config.sheddable_header.to_ascii_lowercase(),
+        served_header: config.served_header.map(|h| h.to_ascii_lowercase()),
+        model_field,
+        reads_body,
+        seed: AtomicU64::new(0x9e37_79b9_7f4a_7c15),
+        no_endpoint: ctx.counter("no_endpoint"),
+        shed: ctx.counter("shed"),
+        served_other: ctx.counter("served_other_than_picked"),
+    }))
+}
+
+/// What one stream remembers between request and response.
+#[derive(Debug, Default)]
+struct PickState {
+    /// Indexes of the endpoints written to the header, best first.
+    picked: Vec<usize>,
+    /// The prompt's block hashes (learnt by the endpoint that answers).
+    blocks: Vec<u64>,
+}
+
+/// The prompt text a model server would cache: chat messages (role and content, text parts
+/// of multi-part content), a completions `prompt`, or a responses-API `input`.
+fn prompt_text(doc: &Value) -> Vec<u8> {
+    fn push_content(out: &mut Vec<u8>, content: &Value) {
+        match content {
+            Value::String(text) => out.extend_from_slice(text.as_bytes()),
+            Value::Array(parts) => {
+                for part in parts {
+                    match part {
+                        Value::String(text) => out.extend_from_slice(text.as_bytes()),
+                        Value::Object(map) => {
+                            if let Some(Value::String(text)) = map.get("text") {
+                                out.extend_from_slice(text.as_bytes());
+                            } else if let Some(content) = map.get("content") {
+                                push_content(out, content);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    if let Some(system) = doc.get("system") {
+        push_content(&mut out, system);
+    }
+    for key in ["messages", "input"] {
+        match doc.get(key) {
+            Some(Value::Array(messages)) => {
+                for message in messages {
+                    if let Some(Value::String(role)) = message.get("role") {
+                        out.extend_from_slice(role.as_bytes());
+                        out.push(b':');
+                    }
+                    if let Some(content) = message.get("content") {
+                        push_content(&mut out, content);
+                    } else {
+                        push_content(&mut out, message);
+                    }
+                    out.push(b'\n');
+                }
+            }
+            Some(other) => push_content(&mut out, other),
+            None => {}
+        }
+    }
+    if let Some(prompt) = doc.get("prompt") {
+        push_content(&mut out, prompt);
+    }
+    out
+}
+
+/// Why no endpoint could be picked.
+enum NoPick {
+    /// Nothing eligible (an error: 503 under FailClosed).
+    Unavailable(String),
+    /// Sheddable and every endpoint saturated: 429.
+    Shed,
+}
+
+impl EndpointPicker {
+    fn is_stale(&self, state: &EndpointState, now: u64) -> bool {
+        if self.metrics_cluster.is_none() {
+            return false;
+        }
+        let limit = u64::try_from(self.stale_after.as_nanos()).unwrap_or(u64::MAX);
+        state.scraped_at.is_none_or(|at| now.saturating_sub(at) > limit)
+    }
+
+    fn is_saturated(&self, metrics: &ServerMetrics) -> bool {
+        metrics.waiting >= self.saturation.queue_depth && metrics.kv_cache_usage >= self.saturation.kv_cache_usage
+    }
+
+    /// LoRA affinity of `endpoint` for `model`: 1 when it serves the adapter, 0.8 when it
+    /// has room to load one more, 0 otherwise (and 0 for every endpoint when the model is
+    /// not an adapter anyone knows).
+    fn lora_affinity(&self, endpoint: &Endpoint, state: &EndpointState, model: &str) -> f64 {
+        let serves = endpoint.adapters.iter().any(|a| a == model)
+            || state.metrics.lora.as_ref().is_some_and(|l| l.active.iter().any(|a| a == model));
+        if serves {
+            return 1.0;
+        }
+        match &state.metrics.lora {
+            Some(LoraInfo { active, max: Some(max) }) if active.len() < *max => 0.8,
+            _ => 0.0,
+        }
+    }
+
+    fn is_known_adapter(&self, states: &[EndpointState], model: &str) -> bool {
+        self.endpoints.iter().any(|e| e.adapters.iter().any(|a| a == model))
+            || states
+                .iter()
+                .any(|s| s.metrics.lora.as_ref().is_some_and(|l| l.active.iter().any(|a| a == model)))
+    }
+
+    /// Runs the filters and scorers; returns the ranked endpoint indexes.
+    fn pick(
+        &self,
+        ctx: &mut Context<'_>,
+        subset: &[String],
+        model: &str,
+        blocks: &[u64],
+        sheddable: bool,
+    ) -> Result<(Vec<usize>, Vec<Scores>), NoPick> {
+        let now = ctx.now_nanos();
+        let states = self.state.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut eligible: Vec<usize> = (0..self.endpoints.len()).collect();
+        if !subset.is_empty() {
+            eligible.retain(|&i| subset.iter().any(|s| s == &self.endpoints[i].address));
+            if eligible.is_empty() {
+                return Err(NoPick::Unavailable(format!(
+                    "no endpoint of the subset hint ({}) is in the pool",
+                    subset.join(",")
+                )));
+            }
+        }
+        let before = eligible.len();
+        let mut stale = Vec::new();
+        eligible.retain(|&i| {
+            let fresh = !self.is_stale(&states[i], now);
+            if !fresh {
+                stale.push(i);
+            }
+            fresh
+        });
+        for i in stale {
+            ctx.increment(self.endpoints[i].stale_skips);
+        }
+        if eligible.is_empty() {
+            return Err(NoPick::Unavailable(format!(
+                "none of the {before} candidate endpoints has fresh metrics"
+            )));
+        }
+        let unsaturated: Vec<usize> = eligible
+            .iter()
+            .copied()
+            .filter(|&i| !self.is_saturated(&states[i].metrics))
+            .collect();
+        if unsaturated.is_empty() {
+            if sheddable {
+                return Err(NoPick::Shed);
+            }
+        } else {
+            eligible = unsaturated;
+        }
+        let lora_request = !model.is_empty() && self.is_known_adapter(&states, model);
+        let candidates: Vec<Candidate> = eligible
+            .iter()
+            .map(|&i| {
+                let state = &states[i];
+                let prefix_match = if blocks.is_empty() || self.weights.prefix_cache == 0.0 {
+                    0.0
+                } else {
+                    self.prefix.matched_blocks(i, blocks) as f64 / blocks.len() as f64
+                };
+                Candidate {
+                    waiting: state.metrics.waiting,
+                    kv_cache_usage: state.metrics.kv_cache_usage,
+                    prefix_match,
+                    lora: if lora_request {
+                        self.lora_affinity(&self.endpoints[i], state, model)
+                    } else {
+                        0.0
+                    },
+                }
+            })
+            .collect();
+        drop(states);
+        let scores = score(&candidates, &self.weights);
+        let seed = self.seed.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed) ^ now;
+        let order = rank(&scores, &mut fastrand::Rng::with_seed(seed));
+        let ranked = order.iter().map(|&k| eligible[k]).collect();
+        let ranked_scores = order.iter().map(|&k| scores[k]).collect();
+        Ok((ranked, ranked_scores))
+    }
+
+    fn request_features(&self, ctx: &mut Context<'_>) -> Result<(String, Vec<u64>), PluginError> {
+        if !self.reads_body || ctx.body().is_blank() {
+            return Ok((String::new(), Vec::new()));
+        }
+        let doc = ctx
+            .body()
+            .doc()
+            .map_err(|err| PluginError::bad_request("invalid_json", err.to_string()))?;
+        let model = doc
+            .get(&self.model_field)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let blocks = if self.weights.prefix_cache > 0.0 {
+            block_hashes(
+                &model,
+                &prompt_text(doc),
+                self.prefix_config.block_size,
+                self.prefix_config.max_blocks,
+            )
+        } else {
+            Vec::new()
+        };
+        Ok((model, blocks))
+    }
+}
+
+impl Plugin for EndpointPicker {
+    fn request_need(&self) -> PhaseNeed {
+        if self.reads_body {
+            PhaseNeed::Body
+        } else {
+            PhaseNeed::Headers
+        }
+    }
+
+    fn response_need(&self) -> PhaseNeed {
+        PhaseNeed::Headers
+    }
+
+    fn on_request(&self, ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
+        // Whatever happens below, a client never chooses the endpoint itself.
+        ctx.remove_header(DESTINATION);
+        let (model, blocks) = self.request_features(ctx)?;
+        let subset = ctx.metadata_strings(SUBSET_NAMESPACE, SUBSET_KEY);
+        let sheddable = ctx.header(&self.sheddable_header).is_some_and(|value| {
+            matches!(value.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes" | "sheddable")
+        });
+        let (ranked, scores) = match self.pick(ctx, &subset, &model, &blocks, sheddable) {
+            Ok(picked) => picked,
+            Err(NoPick::Shed) => {
+                ctx.increment(self.shed);
+                return Ok(Decision::Reject(LocalReply::json_error(
+                    429,
+                    "endpoints_saturated",
+                    "every model server is saturated and the request is sheddable; retry later",
+                )));
+            }
+            Err(NoPick::Unavailable(reason)) => {
+                ctx.increment(self.no_endpoint);
+                return Err(PluginError {
+                    status: Some(503),
+                    code: "no_endpoint_available".into(),
+                    message: format!("no model server endpoint is eligible: {reason}"),
+                });
+            }
+        };
+        let chosen: Vec<usize> = ranked.iter().copied().take(1 + self.fallback_endpoints).collect();
+        let value = chosen
+            .iter()
+            .map(|&i| self.endpoints[i].address.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        if log::log_enabled!(log::Level::Debug) {
+            let detail: Vec<String> = ranked
+                .iter()
+                .zip(&scores)
+                .map(|(&i, s)| {
+                    format!(
+                        "{} total={:.3} queue={:.2} kv={:.2} prefix={:.2} lora={:.2}",
+                        self.endpoints[i].address, s.total, s.queue, s.kv_cache, s.prefix_cache, s.lora_affinity
+                    )
+                })
+                .collect();
+            log::debug!("endpoint-picker {}: picked {value}; scores: {}", self.name, detail.join("; "));
+        }
+        ctx.set_header(DESTINATION, &value)?;
+        ctx.set_metadata(LB_NAMESPACE, DESTINATION, &value);
+        ctx.set_original_destination(&self.endpoints[chosen[0]].address);
+        ctx.increment(self.endpoints[chosen[0]].picks);
+        *ctx.state::<PickState>() = PickState { picked: chosen, blocks };
+        Ok(Decision::Continue)
+    }
+
+    fn on_response(&self, ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
+        let state = std::mem::take(ctx.state::<PickState>());
+        let Some(&first) = state.picked.first() else {
+            return Ok(Decision::Continue); // nothing was picked (fail-open or no request phase)
+        };
+        let upstream = ctx.upstream_address();
+        let served = upstream
+            .as_deref()
+            .and_then(|address| self.endpoints.iter().position(|e| e.address == address));
+        if served.is_some_and(|s| s != first) {
+            ctx.increment(self.served_other);
+        }
+        let served_address = match (served, upstream) {
+            (Some(index), _) => self.endpoints[index].address.clone(),
+            (None, Some(address)) => address,
+            (None, None) => self.endpoints[first].address.clone(),
+        };
+        ctx.set_metadata(LB_NAMESPACE, SERVED, &served_address);
+        if let Some(header) = &self.served_header {
+            ctx.set_header(header, &served_address)?;
+        }
+        let status: u16 = ctx.header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+        if (200..300).contains(&status) && !state.blocks.is_empty() {
+            self.prefix.record(served.unwrap_or(first), &state.blocks);
+        }
+        Ok(Decision::Continue)
+    }
+
+    fn background(&self) -> Option<&dyn Background> {
+        self.metrics_cluster.as_ref().map(|_| self as &dyn Background)
+    }
+}
+
+impl Background for EndpointPicker {
+    fn tick_interval(&self) -> Duration {
+        // Tick a little faster than the scrape interval so scrapes are not late by a whole tick.
+        (self.scrape_interval / 2).max(Duration::from_millis(1))
+    }
+
+    fn on_tick(&self, ctx: &mut BackgroundContext<'_>) {
+        let Some(cluster) = &self.metrics_cluster else { return };
+        let now = ctx.now_nanos();
+        let interval = u64::try_from(self.scrape_interval.as_nanos()).unwrap_or(u64::MAX);
+        let timeout = u64::try_from(self.scrape_timeout.as_nanos()).unwrap_or(u64::MAX);
+        let mut due = Vec::new();
+        {
+            let mut states = self.state.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+            for (index, state) in states.iter_mut().enumerate() {
+                let age_ms = state.scraped_at.map_or(u64::MAX, |at| now.saturating_sub(at) / 1_000_000);
+                ctx.set_gauge(self.endpoints[index].metrics_age_ms, age_ms.min(i64::MAX as u64));
+                // A scrape still in flight blocks the next one, unless the proxy lost it.
+                let busy = state
+                    .scrape_started
+                    .is_some_and(|started| now.saturating_sub(started) < timeout.saturating_mul(2));
+                if busy || now < state.next_scrape {
+                    continue;
+                }
+                state.scrape_started = Some(now);
+                state.next_scrape = now.saturating_add(interval);
+                due.push(index);
+            }
+        }
+        for index in due {
+            let address = &self.endpoints[index].address;
+            let request = CalloutRequest {
+                cluster: cluster.clone(),
+                method: "GET".into(),
+                path: self.metrics_path.clone(),
+                authority: address.clone(),
+                headers: vec![(DESTINATION.into(), address.clone())],
+                body: Vec::new(),
+                timeout: self.scrape_timeout,
+            };
+            if let Err(reason) = ctx.send(&request, index as u64) {
+                log::debug!("endpoint-picker {}: cannot scrape {address}: {reason}", self.name);
+                ctx.increment(self.endpoints[index].scrape_failures);
+                let mut states = self.state.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+                states[index].scrape_started = None;
+            }
+        }
+    }
+
+    fn on_callout_done(&self, ctx: &mut BackgroundContext<'_>, tag: u64, result: Result<CalloutResponse, CalloutError>) {
+        let Some(endpoint) = usize::try_from(tag).ok().and_then(|i| self.endpoints.get(i)) else {
+            return;
+        };
+        let parsed = result.and_then(|response| {
+            if response.status != 200 {
+                return Err(format!("metrics answered with status {}", response.status));
+            }
+            parse_metrics(&response.body, &self.metric_names)
+        });
+        let now = ctx.now_nanos();
+        let mut states = self.state.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let state = &mut states[tag as usize];
+        state.scrape_started = None;
+        match parsed {
+            Ok(metrics) => {
+                state.metrics = metrics;
+                state.scraped_at = Some(now);
+            }
+            Err(reason) => {
+                drop(states);
+                log::debug!("endpoint-picker {}: scrape of {} failed: {reason}", self.name, endpoint.address);
+                ctx.increment(endpoint.scrape_failures);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
