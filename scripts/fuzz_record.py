@@ -14,6 +14,7 @@ WHAT = {
     "lazy_json": "the lazy field reader agrees with a full serde_json parse on valid objects",
     "body_mutation": "body-mutation, prompt-decorator, model-rewrite through the engine; a changed body is JSON with its length",
     "sse_split": "SSE parsing gives the same events however the bytes are split",
+    "prometheus": "endpoint-picker metrics reader: an answer in range or an error on any page",
     "recognizers": "each PII recognizer: ordered, non-overlapping, in-bounds spans on char boundaries",
     "pii_mask": "pii-guard Mask through the engine: no recognized value left in what goes upstream",
     "multipart": "json-to-multipart: well-formed multipart (no stray boundary), matching length",

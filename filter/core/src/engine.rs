@@ -216,15 +216,24 @@ impl Chain {
     /// Runs every processor's background tick. A panic is contained and logged.
     pub fn on_tick(&self, host: &mut dyn BackgroundHost) {
         for (index, processor) in self.processors.iter().enumerate() {
-            let Some(background) = processor.plugin.background() else { continue };
+            let Some(background) = processor.plugin.background() else {
+                continue;
+            };
             self.run_background(host, index, |ctx| background.on_tick(ctx));
         }
     }
 
     /// Hands the answer of a background callout to the processor that sent it. Unknown
     /// handles (a callout of an earlier configuration) are ignored.
-    pub fn on_callout_done(&self, host: &mut dyn BackgroundHost, handle: u64, result: Result<CalloutResponse, CalloutError>) {
-        let Some((index, tag)) = self.lock_callouts().remove(&handle) else { return };
+    pub fn on_callout_done(
+        &self,
+        host: &mut dyn BackgroundHost,
+        handle: u64,
+        result: Result<CalloutResponse, CalloutError>,
+    ) {
+        let Some((index, tag)) = self.lock_callouts().remove(&handle) else {
+            return;
+        };
         let Some(background) = self.processors.get(index).and_then(|p| p.plugin.background()) else {
             return;
         };
@@ -236,7 +245,12 @@ impl Chain {
         self.callouts.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn run_background(&self, host: &mut dyn BackgroundHost, index: usize, work: impl FnOnce(&mut BackgroundContext<'_>)) {
+    fn run_background(
+        &self,
+        host: &mut dyn BackgroundHost,
+        index: usize,
+        work: impl FnOnce(&mut BackgroundContext<'_>),
+    ) {
         let processor = &self.processors[index];
         let mut ctx = BackgroundContext {
             host,
@@ -245,7 +259,10 @@ impl Chain {
             started: Vec::new(),
         };
         if catch_unwind(AssertUnwindSafe(|| work(&mut ctx))).is_err() {
-            log::error!("payload-processor: processor {} panicked in background work", processor.name);
+            log::error!(
+                "payload-processor: processor {} panicked in background work",
+                processor.name
+            );
             ctx.host.increment_counter(processor.metrics.panics, 1);
         }
         let started = std::mem::take(&mut ctx.started);

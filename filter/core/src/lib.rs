@@ -56,6 +56,8 @@ pub use error::ConfigError;
 pub use event_stream::Api;
 pub use host::{Direction, Host, MetricId};
 pub use json::{Body, FieldPath, JsonError, SelectPath, Step, WritePath};
-pub use plugin::{Context, Counter, Decision, Gauge, EventDecision, LocalReply, PhaseNeed, Plugin, PluginError, StreamNeed};
+pub use plugin::{
+    Context, Counter, Decision, EventDecision, Gauge, LocalReply, PhaseNeed, Plugin, PluginError, StreamNeed,
+};
 pub use registry::{BuildContext, BuildFn, PluginFactory, Registry, RegistryError};
 pub use sse::SseEvent;

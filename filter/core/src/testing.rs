@@ -187,7 +187,13 @@ impl Host for FakeHost {
     fn metadata_strings(&self, namespace: &str, key: &str) -> Vec<String> {
         self.metadata
             .get(&(namespace.to_string(), key.to_string()))
-            .map(|value| value.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+            .map(|value| {
+                value
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
             .unwrap_or_default()
     }
     fn upstream_address(&self) -> Option<String> {
@@ -218,13 +224,21 @@ pub struct FakeBackgroundHost {
 impl FakeBackgroundHost {
     /// Value of a counter by full metric name in `chain`.
     pub fn counter(&self, chain: &crate::Chain, name: &str) -> u64 {
-        let id = chain.metrics().iter().position(|m| m.name == name).unwrap_or_else(|| panic!("no metric {name}"));
+        let id = chain
+            .metrics()
+            .iter()
+            .position(|m| m.name == name)
+            .unwrap_or_else(|| panic!("no metric {name}"));
         self.counters.get(&id).copied().unwrap_or(0)
     }
 
     /// Value of a gauge by full metric name in `chain`.
     pub fn gauge(&self, chain: &crate::Chain, name: &str) -> Option<u64> {
-        let id = chain.metrics().iter().position(|m| m.name == name).unwrap_or_else(|| panic!("no metric {name}"));
+        let id = chain
+            .metrics()
+            .iter()
+            .position(|m| m.name == name)
+            .unwrap_or_else(|| panic!("no metric {name}"));
         self.gauges.get(&id).copied()
     }
 

@@ -563,7 +563,13 @@ impl FilterHandle {
         let key = ModuleBuffer::of(key.as_bytes());
         let mut size = 0usize;
         if unsafe {
-            envoy_dynamic_module_callback_http_get_metadata_list_size(self.0, METADATA_SOURCE_DYNAMIC, ns, key, &mut size)
+            envoy_dynamic_module_callback_http_get_metadata_list_size(
+                self.0,
+                METADATA_SOURCE_DYNAMIC,
+                ns,
+                key,
+                &mut size,
+            )
         } {
             let items = (0..size)
                 .filter_map(|index| {
@@ -593,8 +599,13 @@ impl FilterHandle {
     /// The `upstream.address` attribute (`ip:port`), once an upstream host was chosen.
     pub(crate) fn upstream_address(&self) -> Option<String> {
         let mut value = empty_envoy_buffer();
-        let found =
-            unsafe { envoy_dynamic_module_callback_http_filter_get_attribute_string(self.0, ATTRIBUTE_UPSTREAM_ADDRESS, &mut value) };
+        let found = unsafe {
+            envoy_dynamic_module_callback_http_filter_get_attribute_string(
+                self.0,
+                ATTRIBUTE_UPSTREAM_ADDRESS,
+                &mut value,
+            )
+        };
         (found && value.length > 0).then(|| String::from_utf8_lossy(envoy_bytes(value)).into_owned())
     }
 }

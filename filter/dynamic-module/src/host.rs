@@ -178,7 +178,8 @@ impl BackgroundHost for EnvoyBackgroundHost<'_> {
         ];
         headers.extend(request.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let timeout_ms = u64::try_from(request.timeout.as_millis()).unwrap_or(u64::MAX).max(1);
-        self.config.http_callout(&request.cluster, &headers, &request.body, timeout_ms)
+        self.config
+            .http_callout(&request.cluster, &headers, &request.body, timeout_ms)
     }
 
     fn increment_counter(&mut self, id: MetricId, by: u64) {

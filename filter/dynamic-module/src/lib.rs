@@ -170,7 +170,11 @@ impl ModuleConfig {
 
     /// Stops the ticker now (Envoy is destroying this configuration).
     fn stop_background(&self) {
-        let ticker = self.ticker.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        let ticker = self
+            .ticker
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
         drop(ticker);
     }
 }

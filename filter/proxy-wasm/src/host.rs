@@ -1,9 +1,9 @@
 //! [`Host`] over proxy-wasm host calls.
 
 use payload_processor_core::{BackgroundHost, CalloutError, CalloutRequest, Direction, Host, MetricId};
-use proxy_wasm::traits::Context;
 use prost::Message;
 use proxy_wasm::hostcalls;
+use proxy_wasm::traits::Context;
 use proxy_wasm::types::{BufferType, MapType};
 use std::time::UNIX_EPOCH;
 
@@ -167,7 +167,9 @@ impl Host for WasmHost<'_> {
             value: endpoint.into(),
             span: LIFE_SPAN_DOWNSTREAM_REQUEST,
         };
-        if let Err(status) = hostcalls::call_foreign_function("set_envoy_filter_state", Some(&arguments.encode_to_vec())) {
+        if let Err(status) =
+            hostcalls::call_foreign_function("set_envoy_filter_state", Some(&arguments.encode_to_vec()))
+        {
             log::warn!("payload-processor: cannot set the original destination filter state: {status:?}");
         }
     }
@@ -240,25 +242,11 @@ struct SetEnvoyFilterStateArguments {
 /// `LifeSpan::DownstreamRequest`.
 const LIFE_SPAN_DOWNSTREAM_REQUEST: i32 = 1;
 
-/// A metadata value as Envoy's wasm host serializes it: a list arrives as a serialized
-/// `google.protobuf.ListValue`, a string as its bytes. Strings split at commas.
+/// A metadata value as Envoy's wasm host hands it over: a string as its bytes; a list in the
+/// proxy-wasm pairs encoding (count, then key/value lengths, then NUL-terminated keys and
+/// values), its items being the keys. Items split at commas.
 fn metadata_value_strings(bytes: &[u8]) -> Vec<String> {
-    let from_list: Vec<String> = prost_types::ListValue::decode(bytes)
-        .map(|list| {
-            list.values
-                .into_iter()
-                .filter_map(|value| match value.kind {
-                    Some(prost_types::value::Kind::StringValue(text)) => Some(text),
-                    _ => None,
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    let texts = if from_list.is_empty() {
-        vec![String::from_utf8_lossy(bytes).into_owned()]
-    } else {
-        from_list
-    };
+    let texts = pairs_keys(bytes).unwrap_or_else(|| vec![String::from_utf8_lossy(bytes).into_owned()]);
     texts
         .iter()
         .flat_map(|text| text.split(','))
@@ -267,24 +255,49 @@ fn metadata_value_strings(bytes: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// The keys of a proxy-wasm pairs buffer; `None` unless `bytes` is exactly one.
+fn pairs_keys(bytes: &[u8]) -> Option<Vec<String>> {
+    let word = |at: usize| -> Option<usize> {
+        let raw: [u8; 4] = bytes.get(at..at + 4)?.try_into().ok()?;
+        usize::try_from(u32::from_le_bytes(raw)).ok()
+    };
+    let count = word(0)?;
+    let mut data = 4usize.checked_add(count.checked_mul(8)?)?;
+    if count == 0 || data > bytes.len() {
+        return None;
+    }
+    let mut keys = Vec::with_capacity(count);
+    for index in 0..count {
+        let key_len = word(4 + index * 8)?;
+        let value_len = word(8 + index * 8)?;
+        let key = bytes.get(data..data.checked_add(key_len)?)?;
+        let value_end = data + key_len + 1 + value_len;
+        if bytes.get(data + key_len) != Some(&0) || bytes.get(value_end) != Some(&0) {
+            return None;
+        }
+        keys.push(String::from_utf8_lossy(key).into_owned());
+        data = value_end + 1;
+    }
+    (data == bytes.len()).then_some(keys)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn metadata_lists_and_strings_both_read_as_items() {
-        let list = prost_types::ListValue {
-            values: ["10.0.0.1:8000", "10.0.0.2:8000"]
-                .iter()
-                .map(|text| prost_types::Value {
-                    kind: Some(prost_types::value::Kind::StringValue((*text).into())),
-                })
-                .collect(),
-        };
-        assert_eq!(
-            metadata_value_strings(&list.encode_to_vec()),
-            vec!["10.0.0.1:8000", "10.0.0.2:8000"]
-        );
+        // What Envoy 1.40 handed over for a list of two addresses.
+        let mut list = Vec::new();
+        for word in [2u32, 13, 0, 13, 0] {
+            list.extend_from_slice(&word.to_le_bytes());
+        }
+        list.extend_from_slice(b"10.0.0.1:8000\x00\x0010.0.0.2:8000\x00\x00");
+        assert_eq!(metadata_value_strings(&list), vec!["10.0.0.1:8000", "10.0.0.2:8000"]);
+        // Truncated or inconsistent buffers read as text, never panic.
+        for cut in 0..list.len() {
+            let _ = metadata_value_strings(&list[..cut]);
+        }
         assert_eq!(
             metadata_value_strings(b"10.0.0.1:8000, 10.0.0.3:9000"),
             vec!["10.0.0.1:8000", "10.0.0.3:9000"]

@@ -28,8 +28,8 @@ pub use payload_processor_core::Registry;
 pub use proxy_wasm;
 
 use host::{WasmBackgroundHost, WasmHost};
-use payload_processor_core::{CalloutResponse, Direction};
 use payload_processor_core::{BodyFlow, Chain, HeadersFlow, MetricKind, Stream};
+use payload_processor_core::{CalloutResponse, Direction};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
 use std::sync::Arc;

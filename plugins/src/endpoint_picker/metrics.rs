@@ -119,7 +119,10 @@ fn with_type_lines(text: &str) -> String {
 /// KV-cache metrics the scheduler needs.
 pub fn parse(text: &[u8], names: &MetricNames) -> Result<ServerMetrics, String> {
     if text.len() > MAX_METRICS_BYTES {
-        return Err(format!("metrics page of {} bytes is over the {MAX_METRICS_BYTES}-byte limit", text.len()));
+        return Err(format!(
+            "metrics page of {} bytes is over the {MAX_METRICS_BYTES}-byte limit",
+            text.len()
+        ));
     }
     let text = std::str::from_utf8(text).map_err(|err| format!("metrics page is not UTF-8: {err}"))?;
     let text = with_type_lines(text);
@@ -222,7 +225,10 @@ vllm:lora_requests_info{max_lora=\"2\",running_lora_adapters=\"old\",waiting_lor
     fn bad_pages_are_errors_not_panics() {
         let names = MetricNames::default();
         for (text, expected) in [
-            (&b"vllm:kv_cache_usage_perc 0.1\n"[..], "vllm:num_requests_waiting missing"),
+            (
+                &b"vllm:kv_cache_usage_perc 0.1\n"[..],
+                "vllm:num_requests_waiting missing",
+            ),
             (b"vllm:num_requests_waiting 1\n", "kv_cache_usage_perc"),
             (b"<html>not metrics</html>", "invalid Prometheus text"),
             (b"vllm:num_requests_waiting{a=\"1\" 2\n", "invalid Prometheus text"),

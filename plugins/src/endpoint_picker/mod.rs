@@ -299,7 +299,10 @@ impl std::fmt::Debug for EndpointPicker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EndpointPicker")
             .field("name", &self.name)
-            .field("endpoints", &self.endpoints.iter().map(|e| &e.address).collect::<Vec<_>>())
+            .field(
+                "endpoints",
+                &self.endpoints.iter().map(|e| &e.address).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -318,7 +321,10 @@ fn check_weight(value: f64, at: &str) -> Result<f64, ConfigError> {
     if value.is_finite() && value >= 0.0 {
         Ok(value)
     } else {
-        Err(ConfigError::new(at, format!("weight {value} must be a finite number >= 0")))
+        Err(ConfigError::new(
+            at,
+            format!("weight {value} must be a finite number >= 0"),
+        ))
     }
 }
 
@@ -396,14 +402,21 @@ pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugi
     };
     let prefix_config = config.prefix;
     if prefix_config.block_size == 0 || prefix_config.max_blocks == 0 {
-        return Err(ConfigError::new("prefix", "blockSize and maxBlocks must be greater than zero"));
+        return Err(ConfigError::new(
+            "prefix",
+            "blockSize and maxBlocks must be greater than zero",
+        ));
     }
     let capacity = NonZeroUsize::new(prefix_config.lru_capacity_per_endpoint)
         .ok_or_else(|| ConfigError::new("prefix.lruCapacityPerEndpoint", "must be greater than zero"))?;
     if config.fallback_endpoints >= endpoints.len() {
         return Err(ConfigError::new(
             "fallbackEndpoints",
-            format!("{} fallbacks need more than {} endpoints", config.fallback_endpoints, endpoints.len()),
+            format!(
+                "{} fallbacks need more than {} endpoints",
+                config.fallback_endpoints,
+                endpoints.len()
+            ),
         ));
     }
     validate_header_name(&config.sheddable_header, "sheddableHeader")?;
@@ -519,7 +532,7 @@ impl EndpointPicker {
             return false;
         }
         let limit = u64::try_from(self.stale_after.as_nanos()).unwrap_or(u64::MAX);
-        state.scraped_at.is_none_or(|at| now.saturating_sub(at) > limit)
+        state.scraped_at.map_or(true, |at| now.saturating_sub(at) > limit)
     }
 
     fn is_saturated(&self, metrics: &ServerMetrics) -> bool {
@@ -531,7 +544,11 @@ impl EndpointPicker {
     /// not an adapter anyone knows).
     fn lora_affinity(&self, endpoint: &Endpoint, state: &EndpointState, model: &str) -> f64 {
         let serves = endpoint.adapters.iter().any(|a| a == model)
-            || state.metrics.lora.as_ref().is_some_and(|l| l.active.iter().any(|a| a == model));
+            || state
+                .metrics
+                .lora
+                .as_ref()
+                .is_some_and(|l| l.active.iter().any(|a| a == model));
         if serves {
             return 1.0;
         }
@@ -543,9 +560,12 @@ impl EndpointPicker {
 
     fn is_known_adapter(&self, states: &[EndpointState], model: &str) -> bool {
         self.endpoints.iter().any(|e| e.adapters.iter().any(|a| a == model))
-            || states
-                .iter()
-                .any(|s| s.metrics.lora.as_ref().is_some_and(|l| l.active.iter().any(|a| a == model)))
+            || states.iter().any(|s| {
+                s.metrics
+                    .lora
+                    .as_ref()
+                    .is_some_and(|l| l.active.iter().any(|a| a == model))
+            })
     }
 
     /// Runs the filters and scorers; returns the ranked endpoint indexes.
@@ -675,7 +695,10 @@ impl Plugin for EndpointPicker {
         let (model, blocks) = self.request_features(ctx)?;
         let subset = ctx.metadata_strings(SUBSET_NAMESPACE, SUBSET_KEY);
         let sheddable = ctx.header(&self.sheddable_header).is_some_and(|value| {
-            matches!(value.trim().to_ascii_lowercase().as_str(), "true" | "1" | "yes" | "sheddable")
+            matches!(
+                value.trim().to_ascii_lowercase().as_str(),
+                "true" | "1" | "yes" | "sheddable"
+            )
         });
         let (ranked, scores) = match self.pick(ctx, &subset, &model, &blocks, sheddable) {
             Ok(picked) => picked,
@@ -713,7 +736,11 @@ impl Plugin for EndpointPicker {
                     )
                 })
                 .collect();
-            log::debug!("endpoint-picker {}: picked {value}; scores: {}", self.name, detail.join("; "));
+            log::debug!(
+                "endpoint-picker {}: picked {value}; scores: {}",
+                self.name,
+                detail.join("; ")
+            );
         }
         ctx.set_header(DESTINATION, &value)?;
         ctx.set_metadata(LB_NAMESPACE, DESTINATION, &value);
@@ -771,7 +798,9 @@ impl Background for EndpointPicker {
         {
             let mut states = self.state.write().unwrap_or_else(|poisoned| poisoned.into_inner());
             for (index, state) in states.iter_mut().enumerate() {
-                let age_ms = state.scraped_at.map_or(u64::MAX, |at| now.saturating_sub(at) / 1_000_000);
+                let age_ms = state
+                    .scraped_at
+                    .map_or(u64::MAX, |at| now.saturating_sub(at) / 1_000_000);
                 ctx.set_gauge(self.endpoints[index].metrics_age_ms, age_ms.min(i64::MAX as u64));
                 // A scrape still in flight blocks the next one, unless the proxy lost it.
                 let busy = state
@@ -805,7 +834,12 @@ impl Background for EndpointPicker {
         }
     }
 
-    fn on_callout_done(&self, ctx: &mut BackgroundContext<'_>, tag: u64, result: Result<CalloutResponse, CalloutError>) {
+    fn on_callout_done(
+        &self,
+        ctx: &mut BackgroundContext<'_>,
+        tag: u64,
+        result: Result<CalloutResponse, CalloutError>,
+    ) {
         let Some(endpoint) = usize::try_from(tag).ok().and_then(|i| self.endpoints.get(i)) else {
             return;
         };
@@ -826,7 +860,11 @@ impl Background for EndpointPicker {
             }
             Err(reason) => {
                 drop(states);
-                log::debug!("endpoint-picker {}: scrape of {} failed: {reason}", self.name, endpoint.address);
+                log::debug!(
+                    "endpoint-picker {}: scrape of {} failed: {reason}",
+                    self.name,
+                    endpoint.address
+                );
                 ctx.increment(endpoint.scrape_failures);
             }
         }

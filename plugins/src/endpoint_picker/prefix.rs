@@ -47,14 +47,18 @@ impl PrefixIndex {
 
     /// How many of `hashes`, from the first, `endpoint` has seen.
     pub fn matched_blocks(&self, endpoint: usize, hashes: &[u64]) -> usize {
-        let Some(cache) = self.endpoints.get(endpoint) else { return 0 };
+        let Some(cache) = self.endpoints.get(endpoint) else {
+            return 0;
+        };
         let cache = cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         hashes.iter().take_while(|hash| cache.contains(hash)).count()
     }
 
     /// Records that `endpoint` served a prompt with these blocks (it now has them cached).
     pub fn record(&self, endpoint: usize, hashes: &[u64]) {
-        let Some(cache) = self.endpoints.get(endpoint) else { return };
+        let Some(cache) = self.endpoints.get(endpoint) else {
+            return;
+        };
         let mut cache = cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         for hash in hashes {
             cache.put(*hash, ());

@@ -50,7 +50,11 @@ pub fn score(candidates: &[Candidate], weights: &Weights) -> Vec<Scores> {
         .iter()
         .map(|c| {
             // All queues equal: nobody is better, everybody gets the full score.
-            let queue = if max > min { (max - c.waiting) / (max - min) } else { 1.0 };
+            let queue = if max > min {
+                (max - c.waiting) / (max - min)
+            } else {
+                1.0
+            };
             let kv_cache = (1.0 - c.kv_cache_usage).clamp(0.0, 1.0);
             let prefix_cache = c.prefix_match.clamp(0.0, 1.0);
             let lora_affinity = c.lora.clamp(0.0, 1.0);
@@ -100,7 +104,11 @@ mod tests {
     #[test]
     fn least_loaded_wins() {
         let scores = score(
-            &[candidate(4.0, 0.5, 0.0), candidate(0.0, 0.1, 0.0), candidate(2.0, 0.3, 0.0)],
+            &[
+                candidate(4.0, 0.5, 0.0),
+                candidate(0.0, 0.1, 0.0),
+                candidate(2.0, 0.3, 0.0),
+            ],
             &DEFAULT,
         );
         assert_eq!(scores[1].queue, 1.0);

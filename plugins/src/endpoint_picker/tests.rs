@@ -20,7 +20,9 @@ fn chain(parameters: &str, failure_mode: &str) -> Arc<Chain> {
 
 fn pool(extra: &str) -> Arc<Chain> {
     chain(
-        &format!("{{endpoints: ['{A}', '{B}', {{address: '{C}', adapters: [sql-lora]}}], metricsCluster: pool{extra}}}"),
+        &format!(
+            "{{endpoints: ['{A}', '{B}', {{address: '{C}', adapters: [sql-lora]}}], metricsCluster: pool{extra}}}"
+        ),
         "FailClosed",
     )
 }
@@ -92,10 +94,20 @@ fn picks_follow_the_metrics_and_reach_header_metadata_and_original_destination()
         &[("x-gateway-destination-endpoint", "10.9.9.9:1")],
         &chat("hi"),
     );
-    assert_eq!(destination(&host).as_deref(), Some(B), "least loaded wins, spoofed value replaced");
-    assert_eq!(host.header_values(Direction::Request, "x-gateway-destination-endpoint").len(), 1);
     assert_eq!(
-        host.metadata.get(&("envoy.lb".into(), "x-gateway-destination-endpoint".into())).map(String::as_str),
+        destination(&host).as_deref(),
+        Some(B),
+        "least loaded wins, spoofed value replaced"
+    );
+    assert_eq!(
+        host.header_values(Direction::Request, "x-gateway-destination-endpoint")
+            .len(),
+        1
+    );
+    assert_eq!(
+        host.metadata
+            .get(&("envoy.lb".into(), "x-gateway-destination-endpoint".into()))
+            .map(String::as_str),
         Some(B)
     );
     assert_eq!(host.original_destination.as_deref(), Some(B));
@@ -108,7 +120,10 @@ fn stale_endpoints_are_avoided_and_none_fresh_is_503_or_cluster_choice_under_fai
     let mut bg = FakeBackgroundHost::default();
     // A answered long ago; B and C answer now.
     scrape(&chain, &mut bg, 10 * MS, &HashMap::from([(A, vllm(0, 0.0))]));
-    assert_eq!(bg.counter(&chain, "processor.epp.endpoint.127_0_0_1_8002.scrape_failures"), 1);
+    assert_eq!(
+        bg.counter(&chain, "processor.epp.endpoint.127_0_0_1_8002.scrape_failures"),
+        1
+    );
     scrape(
         &chain,
         &mut bg,
@@ -119,7 +134,11 @@ fn stale_endpoints_are_avoided_and_none_fresh_is_503_or_cluster_choice_under_fai
         let (_, host) = request(&chain, 401 * MS, &[], &chat("x"));
         assert_ne!(destination(&host).as_deref(), Some(A), "A's metrics are 391 ms old");
     }
-    assert!(bg.gauge(&chain, "processor.epp.endpoint.127_0_0_1_8001.metrics_age_ms").unwrap() >= 390);
+    assert!(
+        bg.gauge(&chain, "processor.epp.endpoint.127_0_0_1_8001.metrics_age_ms")
+            .unwrap()
+            >= 390
+    );
     // Nobody fresh any more.
     let (_, host) = request(&chain, 900 * MS, &[("x-gateway-destination-endpoint", A)], &chat("x"));
     let reply = host.reply.as_ref().expect("503");
@@ -133,7 +152,10 @@ fn stale_endpoints_are_avoided_and_none_fresh_is_503_or_cluster_choice_under_fai
 }
 
 fn chain_fail_open() -> Arc<Chain> {
-    chain(&format!("{{endpoints: ['{A}', '{B}'], metricsCluster: pool}}"), "FailOpen")
+    chain(
+        &format!("{{endpoints: ['{A}', '{B}'], metricsCluster: pool}}"),
+        "FailOpen",
+    )
 }
 
 #[test]
@@ -148,7 +170,11 @@ fn saturated_endpoints_are_avoided_unless_all_are_and_sheddable_requests_get_429
     let all = HashMap::from([(A, vllm(9, 0.95)), (B, vllm(6, 0.85)), (C, vllm(8, 0.9))]);
     scrape(&chain, &mut bg, 100 * MS, &all);
     let (_, host) = request(&chain, 101 * MS, &[], &chat("x"));
-    assert_eq!(destination(&host).as_deref(), Some(B), "all saturated: still the best one");
+    assert_eq!(
+        destination(&host).as_deref(),
+        Some(B),
+        "all saturated: still the best one"
+    );
     let (_, host) = request(&chain, 101 * MS, &[("x-gateway-sheddable", "true")], &chat("x"));
     let reply = host.reply.as_ref().expect("429");
     assert_eq!(reply.status, 429);
@@ -197,11 +223,17 @@ fn failed_answers_teach_nothing_and_the_served_endpoint_is_what_answered() {
     assert_ne!(first, second);
     // The first endpoint failed, the retry went to the second.
     respond(&mut stream, &mut host, "200", second);
-    assert_eq!(host.header_values(Direction::Response, "x-served-by"), vec![second.to_string()]);
+    assert_eq!(
+        host.header_values(Direction::Response, "x-served-by"),
+        vec![second.to_string()]
+    );
     assert_eq!(host.counter(&chain, "processor.epp.served_other_than_picked"), 1);
     for _ in 0..5 {
         let (_, host) = request(&chain, 2, &[], &prompt);
-        assert!(destination(&host).unwrap().starts_with(second), "the prefix lives where it was served");
+        assert!(
+            destination(&host).unwrap().starts_with(second),
+            "the prefix lives where it was served"
+        );
     }
     // A 500 from the other endpoint does not move the prefix there.
     let (mut stream, mut host) = request(&chain, 3, &[], &chat(&"another prefix ".repeat(30)));
@@ -212,7 +244,10 @@ fn failed_answers_teach_nothing_and_the_served_endpoint_is_what_answered() {
         .map(|_| request(&chain, 4, &[], &chat(&"another prefix ".repeat(30))).1)
         .map(|host| destination(&host).unwrap().split(',').next().unwrap().to_string())
         .collect();
-    assert!(hits.iter().any(|h| h != &picked_first), "no affinity learnt from a 500: {hits:?}");
+    assert!(
+        hits.iter().any(|h| h != &picked_first),
+        "no affinity learnt from a 500: {hits:?}"
+    );
 }
 
 #[test]
@@ -250,7 +285,10 @@ fn the_subset_hint_restricts_the_pool_and_an_empty_subset_is_503() {
         let mut host = FakeHost::request("/v1/chat/completions", &[], chat("x").as_bytes());
         host.now.set(11 * MS);
         host.metadata.insert(
-            ("envoy.lb.subset_hint".into(), "x-gateway-destination-endpoint-subset".into()),
+            (
+                "envoy.lb.subset_hint".into(),
+                "x-gateway-destination-endpoint-subset".into(),
+            ),
             hint.into(),
         );
         let mut stream = Stream::new(Arc::clone(&chain));
@@ -263,14 +301,19 @@ fn the_subset_hint_restricts_the_pool_and_an_empty_subset_is_503() {
     }
     let host = hinted("10.0.0.1:80");
     assert_eq!(host.reply.as_ref().map(|r| r.status), Some(503));
-    assert!(host.reply.unwrap().json()["error"]["message"].as_str().unwrap().contains("subset"));
+    assert!(host.reply.unwrap().json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("subset"));
 }
 
 #[test]
 fn scrapes_are_paced_failures_counted_and_recovery_noticed() {
     let chain = pool("");
-    let mut bg = FakeBackgroundHost::default();
-    bg.now = 10 * MS;
+    let mut bg = FakeBackgroundHost {
+        now: 10 * MS,
+        ..FakeBackgroundHost::default()
+    };
     chain.on_tick(&mut bg);
     let sent = bg.take_sent();
     assert_eq!(sent.len(), 3);
@@ -289,7 +332,10 @@ fn scrapes_are_paced_failures_counted_and_recovery_noticed() {
             }),
         );
     }
-    assert_eq!(bg.counter(&chain, "processor.epp.endpoint.127_0_0_1_8001.scrape_failures"), 1);
+    assert_eq!(
+        bg.counter(&chain, "processor.epp.endpoint.127_0_0_1_8001.scrape_failures"),
+        1
+    );
     let (_, host) = request(&chain, 101 * MS, &[], &chat("x"));
     assert_eq!(host.reply.as_ref().map(|r| r.status), Some(503), "no metrics yet");
     // Recovery.
@@ -302,7 +348,10 @@ fn scrapes_are_paced_failures_counted_and_recovery_noticed() {
     bg.refuse = Some("cluster not found".into());
     bg.now = 300 * MS;
     chain.on_tick(&mut bg);
-    assert_eq!(bg.counter(&chain, "processor.epp.endpoint.127_0_0_1_8003.scrape_failures"), 2);
+    assert_eq!(
+        bg.counter(&chain, "processor.epp.endpoint.127_0_0_1_8003.scrape_failures"),
+        2
+    );
 }
 
 #[test]
@@ -313,7 +362,9 @@ fn bad_bodies_and_bodiless_requests() {
     let (_, host) = request(&chain, 1, &[], "");
     assert_eq!(destination(&host).as_deref(), Some(A));
     // Header-only when no scorer needs the body.
-    let headers_only = chain_with(&format!("{{endpoints: ['{A}'], scorers: {{prefixCache: 0, loraAffinity: 0}}}}"));
+    let headers_only = chain_with(&format!(
+        "{{endpoints: ['{A}'], scorers: {{prefixCache: 0, loraAffinity: 0}}}}"
+    ));
     let (_, host) = request(&headers_only, 1, &[], "{not json");
     assert_eq!(destination(&host).as_deref(), Some(A));
 }
@@ -327,15 +378,42 @@ fn bad_configs_are_refused_with_paths() {
     for (parameters, path) in [
         ("{endpoints: []}", "processors[0].parameters.endpoints:"),
         ("{endpoints: ['nope']}", "processors[0].parameters.endpoints[0]:"),
-        ("{endpoints: ['1.2.3.4:80', {address: '1.2.3.4:80'}]}", "processors[0].parameters.endpoints[1].address:"),
-        ("{endpoints: [{address: '1.2.3.4:80', adapters: ['']}]}", "processors[0].parameters.endpoints[0].adapters[0]:"),
-        ("{endpoints: ['1.2.3.4:80'], scorers: {queue: -1}}", "processors[0].parameters.scorers.queue:"),
-        ("{endpoints: ['1.2.3.4:80'], scorers: {bogus: 1}}", "processors[0].parameters.scorers.bogus:"),
-        ("{endpoints: ['1.2.3.4:80'], fallbackEndpoints: 1}", "processors[0].parameters.fallbackEndpoints:"),
-        ("{endpoints: ['1.2.3.4:80'], scrapeInterval: 0s}", "processors[0].parameters.scrapeInterval:"),
-        ("{endpoints: ['1.2.3.4:80'], saturation: {kvCacheUsage: 2}}", "processors[0].parameters.saturation.kvCacheUsage:"),
-        ("{endpoints: ['1.2.3.4:80'], metricsPath: metrics}", "processors[0].parameters.metricsPath:"),
-        ("{endpoints: ['1.2.3.4:80'], sheddableHeader: 'bad header'}", "processors[0].parameters.sheddableHeader:"),
+        (
+            "{endpoints: ['1.2.3.4:80', {address: '1.2.3.4:80'}]}",
+            "processors[0].parameters.endpoints[1].address:",
+        ),
+        (
+            "{endpoints: [{address: '1.2.3.4:80', adapters: ['']}]}",
+            "processors[0].parameters.endpoints[0].adapters[0]:",
+        ),
+        (
+            "{endpoints: ['1.2.3.4:80'], scorers: {queue: -1}}",
+            "processors[0].parameters.scorers.queue:",
+        ),
+        (
+            "{endpoints: ['1.2.3.4:80'], scorers: {bogus: 1}}",
+            "processors[0].parameters.scorers.bogus:",
+        ),
+        (
+            "{endpoints: ['1.2.3.4:80'], fallbackEndpoints: 1}",
+            "processors[0].parameters.fallbackEndpoints:",
+        ),
+        (
+            "{endpoints: ['1.2.3.4:80'], scrapeInterval: 0s}",
+            "processors[0].parameters.scrapeInterval:",
+        ),
+        (
+            "{endpoints: ['1.2.3.4:80'], saturation: {kvCacheUsage: 2}}",
+            "processors[0].parameters.saturation.kvCacheUsage:",
+        ),
+        (
+            "{endpoints: ['1.2.3.4:80'], metricsPath: metrics}",
+            "processors[0].parameters.metricsPath:",
+        ),
+        (
+            "{endpoints: ['1.2.3.4:80'], sheddableHeader: 'bad header'}",
+            "processors[0].parameters.sheddableHeader:",
+        ),
     ] {
         let config = format!("processors:\n- name: epp\n  type: endpoint-picker\n  parameters: {parameters}\n");
         let err = Chain::load(&config, &builtin_registry()).unwrap_err().to_string();
