@@ -121,6 +121,10 @@ def servers():
 
 @pytest.fixture
 def gateway(form, servers, start_envoy):
+    return start_gateway(form, servers, start_envoy)
+
+
+def start_gateway(form, servers, start_envoy, log_level="info"):
     a, b, c, d = (servers[n] for n in "abcd")
     for server in (a, b, c, d):
         server.set_metrics(waiting=1, kv=0.2)
@@ -163,7 +167,7 @@ def gateway(form, servers, start_envoy):
             ],
         },
     }
-    envoy = start_envoy(config)
+    envoy = start_envoy(config, log_level=log_level)
     settle()
     return Gateway(envoy, servers, log)
 
@@ -325,3 +329,18 @@ def test_streamed_answers_are_routed_and_served_endpoint_recorded(gateway, serve
     assert '"served_by": "b"' in response.text and response.text.rstrip().endswith("data: [DONE]")
     entry = read_access_log(gateway.log, 1)[-1]
     assert entry["served"] == servers["b"].address
+
+
+def test_the_pick_and_its_scores_are_in_the_debug_log(form, servers, start_envoy):
+    gateway = start_gateway(form, servers, start_envoy, log_level="debug")
+    servers["a"].set_metrics(waiting=5, kv=0.5)
+    servers["b"].set_metrics(waiting=0, kv=0.1)
+    servers["c"].set_metrics(waiting=5, kv=0.5)
+    settle()
+    assert gateway.served_by(gateway.chat()) == "b"
+    b = servers["b"].address
+    deadline = time.monotonic() + 5
+    while f"endpoint-picker epp: picked {b}; scores: {b} total=" not in gateway.envoy.log():
+        assert time.monotonic() < deadline, gateway.envoy.log()[-3000:]
+        time.sleep(0.1)
+    assert "queue=1.00 kv=0.90" in gateway.envoy.log()

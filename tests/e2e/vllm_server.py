@@ -230,6 +230,12 @@ class VllmServer(LocalServer):
             self.model.max_lora = max_lora if max_lora is not None else (len(self.model.adapters) or None)
             self.model.metrics_status = status
 
+    def reset(self):
+        """Forgets the cache and the recorded requests (between benchmark variants)."""
+        with self.model.lock:
+            self.model.cache.clear()
+            self.model.requests.clear()
+
     def kill(self):
         """Stops the instance: new connections are refused, open ones dropped unanswered."""
         self.model.dead = True
