@@ -61,6 +61,16 @@ GUARD_CHAIN = (ROUTE_CHAIN
                + "  - {name: pii, type: pii-guard, parameters: {direction: Request}}\n"
                + "  - {name: prompt, type: prompt-guard, parameters: {builtin: [prompt-injection], deny: ["
                + f"{{name: phrases, keywords: [{GUARD_KEYWORDS}], caseInsensitive: true}}, {GUARD_REGEXES}]}}}}\n")
+# The endpoint picker (variants "epp_*"): routing, then the picker over four endpoints (nginx on
+# four ports, each serving fixed vLLM metrics), scraped every 50 ms through an ORIGINAL_DST
+# cluster that then carries the request to the pick. Compare with dynamic_module / wasm
+# (routing alone) and ext_proc (the price of one sidecar hop, which GIE's endpoint picker pays).
+EPP_PORTS = 4
+EPP_METRICS = "vllm:num_requests_waiting 0\\nvllm:num_requests_running 1\\nvllm:kv_cache_usage_perc 0.1\\n"
+EPP_LOCATION = f"location = /metrics {{ default_type text/plain; return 200 '{EPP_METRICS}'; }}"
+EPP_CHAIN = (ROUTE_CHAIN
+             + "  - {name: epp, type: endpoint-picker, parameters: {endpoints: [{{EPP_ENDPOINTS}}], "
+             + "metricsCluster: pool, staleAfter: 1s}}\n")
 NGINX_REPLY = ('{"id":"chatcmpl-bench","object":"chat.completion","model":"llama-3-8b","choices":[{"index":0,'
                '"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],'
                '"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}')
@@ -110,9 +120,11 @@ class Nginx:
     """nginx from Debian answering every request with a fixed chat completion (`locations`:
     more nginx location blocks, e.g. a fixed event stream)."""
 
-    def __init__(self, locations=""):
+    def __init__(self, locations="", extra_ports=0):
         self.dir = Path(tempfile.mkdtemp(prefix="bench-nginx-"))
         self.port = free_port()
+        self.ports = [self.port] + [free_port() for _ in range(extra_ports)]
+        listens = " ".join(f"listen 127.0.0.1:{port};" for port in self.ports)
         temp = self.dir / "tmp"
         temp.mkdir()
         (self.dir / "nginx.conf").write_text(f"""
@@ -129,7 +141,7 @@ http {{
   client_body_buffer_size 2m;
   keepalive_requests 10000000;
   server {{
-    listen 127.0.0.1:{self.port};
+    {listens}
     location / {{ default_type application/json; return 200 '{NGINX_REPLY}'; }}
     {locations}
   }}
@@ -204,6 +216,8 @@ def variants():
     metadata_route = {"match": {"prefix": "/", "dynamic_metadata": [{
         "filter": "bench", "path": [{"key": "model"}], "value": {"string_match": {"exact": MODEL}}}]},
         "route": {"cluster": "upstream", "timeout": "30s"}}
+    pool_route = {"match": {"prefix": "/", "headers": [{"name": HEADER, "string_match": {"exact": MODEL}}]},
+                  "route": {"cluster": "pool", "timeout": "30s"}}
     return {
         "plain": ([], [], True),
         "buffer": ([{"name": "envoy.filters.http.buffer", "typed_config": {
@@ -221,11 +235,15 @@ def variants():
         "stream_plain": ([], [], True, STREAM_PATH),
         "stream_usage_wasm": ([processor_filter("wasm", USAGE_CHAIN)], [], False, STREAM_PATH),
         "stream_usage_dynamic_module": ([processor_filter("dynamic-module", USAGE_CHAIN)], [], False, STREAM_PATH),
+        "epp_wasm": ([processor_filter("wasm", EPP_CHAIN)], [pool_route], False),
+        "epp_dynamic_module": ([processor_filter("dynamic-module", EPP_CHAIN)], [pool_route], False),
     }
 
 
 def envoy_config(filters, extra_routes, nginx_port, extproc_port):
-    clusters = [cluster("upstream", nginx_port)]
+    clusters = [cluster("upstream", nginx_port), {
+        "name": "pool", "connect_timeout": "2s", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
+        "original_dst_lb_config": {"use_http_header": True, "http_header_name": "x-gateway-destination-endpoint"}}]
     if extproc_port:
         grpc = cluster("extproc", extproc_port)
         grpc["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -283,8 +301,9 @@ def measure(name, spec, args, nginx, bodies, work):
     filters, extra_routes, send_header = spec[:3]
     path = spec[3] if len(spec) > 3 else "/v1/chat/completions"
     extproc = ExtProcServer() if name == "ext_proc" else None
-    envoy = Envoy(envoy_config(filters, extra_routes, nginx.port, extproc.port if extproc else None),
-                  log_level="warning").wait_ready()
+    config = json.dumps(envoy_config(filters, extra_routes, nginx.port, extproc.port if extproc else None))
+    config = config.replace("{{EPP_ENDPOINTS}}", ", ".join(f"'127.0.0.1:{port}'" for port in nginx.ports))
+    envoy = Envoy(config, log_level="warning").wait_ready()
     rows = []
     try:
         url = envoy.url(path)
@@ -405,7 +424,7 @@ def main():
             path = work / f"{size}-{position}.json"
             path.write_bytes(chat_body(SIZES[size], position == "last"))
             bodies.append((size, position, path))
-    nginx = Nginx(STREAM_LOCATION)
+    nginx = Nginx(STREAM_LOCATION + EPP_LOCATION, extra_ports=EPP_PORTS - 1)
     all_variants = variants()
     chosen = args.variants.split(",") if args.variants else list(all_variants)
     rows = []

@@ -110,6 +110,20 @@ fn cases(size: usize) -> Vec<(&'static str, Case)> {
             "mcp_router",
             Case::new(&chain("mcp-router", "{denyTools: [drop_tables]}"), "/mcp", &[JSON], mcp_call_body(size)),
         ),
+        (
+            // Four endpoints, no scraping (metrics are the background's business): filters,
+            // the one-pass prompt read, block hashes, prefix lookups and scores per request.
+            "endpoint_picker",
+            Case::new(
+                &chain(
+                    "endpoint-picker",
+                    "{endpoints: ['10.0.0.1:8000', '10.0.0.2:8000', '10.0.0.3:8000', '10.0.0.4:8000']}",
+                ),
+                "/v1/chat/completions",
+                &[JSON],
+                chat_body(size, true),
+            ),
+        ),
     ]
 }
 

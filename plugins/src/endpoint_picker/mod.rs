@@ -43,11 +43,13 @@ pub use scheduler::{rank, score, Candidate, Scores, Weights};
 
 use crate::body_field_to_header::validate_header_name;
 use payload_processor_core::config::deserialize_duration;
+use payload_processor_core::json::find_member;
 use payload_processor_core::{
     Background, BackgroundContext, BuildContext, CalloutError, CalloutRequest, CalloutResponse, ConfigError, Context,
     Counter, Decision, Gauge, LocalReply, PhaseNeed, Plugin, PluginError,
 };
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -464,58 +466,65 @@ struct PickState {
     blocks: Vec<u64>,
 }
 
-/// The prompt text a model server would cache: chat messages (role and content, text parts
-/// of multi-part content), a completions `prompt`, or a responses-API `input`.
-fn prompt_text(doc: &Value) -> Vec<u8> {
-    fn push_content(out: &mut Vec<u8>, content: &Value) {
-        match content {
-            Value::String(text) => out.extend_from_slice(text.as_bytes()),
-            Value::Array(parts) => {
-                for part in parts {
-                    match part {
-                        Value::String(text) => out.extend_from_slice(text.as_bytes()),
-                        Value::Object(map) => {
-                            if let Some(Value::String(text)) = map.get("text") {
-                                out.extend_from_slice(text.as_bytes());
-                            } else if let Some(content) = map.get("content") {
-                                push_content(out, content);
-                            }
-                        }
-                        _ => {}
-                    }
-                }
+/// Members of an inference request that make up its prompt, in the order they are hashed:
+/// Anthropic's `system`, chat `messages`, the responses API's `input`, a completions `prompt`.
+const PROMPT_MEMBERS: [&str; 4] = ["system", "messages", "input", "prompt"];
+
+/// The members the picker reads, borrowed from the body in one pass without building a tree.
+#[derive(Deserialize)]
+struct RawRequest<'a> {
+    #[serde(borrow, default)]
+    model: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    system: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    messages: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    input: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    prompt: Option<&'a RawValue>,
+}
+
+/// The model and the prompt bytes of a request body. The prompt is the members' JSON text as
+/// the client wrote it: one application writes the same system prompt the same way every time,
+/// which is what prefix affinity needs, and it costs one scan instead of a parse.
+fn model_and_prompt(
+    body: &mut payload_processor_core::Body,
+    model_field: &str,
+) -> Result<(String, Vec<u8>), PluginError> {
+    let invalid = |err: String| PluginError::bad_request("invalid_json", err);
+    let as_text = |raw: Option<&RawValue>| raw.and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
+    if body.is_changed() {
+        // An earlier processor edited the document: read the edited one.
+        let doc = body.doc().map_err(|err| invalid(err.to_string()))?;
+        let model = doc
+            .get(model_field)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let mut prompt = Vec::new();
+        for member in PROMPT_MEMBERS {
+            if let Some(value) = doc.get(member) {
+                serde_json::to_writer(&mut prompt, value).map_err(|err| invalid(err.to_string()))?;
             }
-            _ => {}
         }
+        return Ok((model, prompt));
     }
-    let mut out = Vec::new();
-    if let Some(system) = doc.get("system") {
-        push_content(&mut out, system);
+    let raw = body.raw();
+    let fields: RawRequest<'_> = serde_json::from_slice(raw).map_err(|err| invalid(err.to_string()))?;
+    let model = if model_field == "model" {
+        as_text(fields.model)
+    } else {
+        as_text(find_member(raw, model_field).map_err(|err| invalid(err.to_string()))?)
+    };
+    let mut prompt = Vec::new();
+    for member in [fields.system, fields.messages, fields.input, fields.prompt]
+        .into_iter()
+        .flatten()
+    {
+        prompt.extend_from_slice(member.get().as_bytes());
     }
-    for key in ["messages", "input"] {
-        match doc.get(key) {
-            Some(Value::Array(messages)) => {
-                for message in messages {
-                    if let Some(Value::String(role)) = message.get("role") {
-                        out.extend_from_slice(role.as_bytes());
-                        out.push(b':');
-                    }
-                    if let Some(content) = message.get("content") {
-                        push_content(&mut out, content);
-                    } else {
-                        push_content(&mut out, message);
-                    }
-                    out.push(b'\n');
-                }
-            }
-            Some(other) => push_content(&mut out, other),
-            None => {}
-        }
-    }
-    if let Some(prompt) = doc.get("prompt") {
-        push_content(&mut out, prompt);
-    }
-    out
+    Ok((model.unwrap_or_default(), prompt))
 }
 
 /// Why no endpoint could be picked.
@@ -653,19 +662,11 @@ impl EndpointPicker {
         if !self.reads_body || ctx.body().is_blank() {
             return Ok((String::new(), Vec::new()));
         }
-        let doc = ctx
-            .body()
-            .doc()
-            .map_err(|err| PluginError::bad_request("invalid_json", err.to_string()))?;
-        let model = doc
-            .get(&self.model_field)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
+        let (model, prompt) = model_and_prompt(ctx.body(), &self.model_field)?;
         let blocks = if self.weights.prefix_cache > 0.0 {
             block_hashes(
                 &model,
-                &prompt_text(doc),
+                &prompt,
                 self.prefix_config.block_size,
                 self.prefix_config.max_blocks,
             )

@@ -427,3 +427,24 @@ fn ipv6_endpoints_are_written_as_envoy_writes_them() {
     let (_, host) = request(&chain, 1, &[], "");
     assert_eq!(destination(&host).as_deref(), Some("[::1]:8000"));
 }
+
+#[test]
+fn bodies_edited_by_an_earlier_processor_are_read_as_edited() {
+    let config = format!(
+        "processors:\n- {{name: deco, type: prompt-decorator, parameters: {{prepend: [{{role: system, content: '{}'}}]}}}}\n- {{name: epp, type: endpoint-picker, parameters: {{endpoints: ['{A}', '{B}', '{C}'], modelField: model}}}}\n",
+        "Shared policy text. ".repeat(40)
+    );
+    let chain = Arc::new(Chain::load(&config, &builtin_registry()).unwrap());
+    let (mut stream, mut host) = request(&chain, 1, &[], &chat("first"));
+    let first = destination(&host).unwrap();
+    respond(&mut stream, &mut host, "200", &first);
+    for n in 0..8 {
+        let (_, host) = request(&chain, 2, &[], &chat(&format!("question {n}")));
+        assert!(host.reply.is_none());
+        assert_eq!(
+            destination(&host),
+            Some(first.clone()),
+            "the decorated prefix is shared"
+        );
+    }
+}
