@@ -87,14 +87,19 @@ def route(cluster, retries=False, **match):
 class Gateway:
     def __init__(self, envoy, servers, log):
         self.envoy, self.servers, self.log = envoy, servers, log
+        self.sent = 0
         listeners = json.loads(envoy.admin_get("/listeners?format=json"))["listener_statuses"]
         self.ports = {l["name"]: l["local_address"]["socket_address"]["port_value"] for l in listeners}
 
     def url(self, listener="main", path="/v1/chat/completions"):
         return f"http://127.0.0.1:{self.ports[listener]}{path}"
 
-    def chat(self, text="Hello", listener="main", model="llama", headers=None, stream=False):
-        body = {"model": model, "messages": [{"role": "system", "content": "You are terse."},
+    def chat(self, text="Hello", listener="main", model="llama", headers=None, stream=False, system=None):
+        # A unique system prompt unless the test shares one: load tests must not be steered by
+        # prefix affinity to earlier requests.
+        self.sent += 1
+        system = system if system is not None else f"Request {self.sent} {time.monotonic_ns()}: be terse."
+        body = {"model": model, "messages": [{"role": "system", "content": system},
                                              {"role": "user", "content": text}], "stream": stream}
         return requests.post(self.url(listener), json=body, headers=headers or {}, timeout=TIMEOUT)
 
@@ -238,7 +243,7 @@ def test_a_long_shared_prefix_keeps_landing_on_the_same_instance(gateway, server
     system = "You are the support assistant of ACME Corp. Follow the policy below exactly. " * 30
     landed = []
     for user in range(12):
-        response = gateway.chat(f"{system}\nUser {user}: where is my order?")
+        response = gateway.chat(f"User {user}: where is my order?", system=system)
         landed.append(gateway.served_by(response))
     assert len(set(landed)) == 1, landed
     hits = [r["hit_blocks"] for r in servers[landed[0]].completions[-11:]]
