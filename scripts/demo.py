@@ -1,7 +1,8 @@
 """The main job: Envoy with the payload processor on the bundled demo config and three local
 mock model servers. Sends sample requests and shows which pool answered, the headers the filter
 set for routing, what the guardrails masked or refused, the token usage it read; then streams a completion event by event and shows
-the usage metadata Envoy logged for it. With --serve it keeps running for your own curl."""
+the usage metadata Envoy logged for it; finally the endpoint picker choosing between three mock vLLM
+pods. With --serve it keeps running for your own curl."""
 import argparse
 import json
 import sys
@@ -16,6 +17,7 @@ import requests  # noqa: E402
 from harness import ROOT, Envoy, read_access_log  # noqa: E402
 from model_server import ModelServer  # noqa: E402
 from render import render  # noqa: E402
+from vllm_server import VllmServer  # noqa: E402
 
 SAMPLES = [
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "model": "llama-3-8b"}),
@@ -83,6 +85,43 @@ def run_stream(envoy, access_log, logged_before):
         print("\nmetadata Envoy logged for it:", json.dumps(lines[logged_before]))
 
 
+def run_pool(envoy, pods):
+    """The endpoint picker on the `inference-pool` listener: picks follow the pods' metrics, a
+    shared prompt prefix sticks to one pod, a LoRA adapter goes where it is loaded."""
+    listeners = json.loads(envoy.admin_get("/listeners?format=json"))["listener_statuses"]
+    port = next(l["local_address"]["socket_address"]["port_value"] for l in listeners if l["name"] == "inference-pool")
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+
+    def ask(system, text="Hi", model="llama-3-8b"):
+        body = {"model": model, "messages": [{"role": "system", "content": system}, {"role": "user", "content": text}]}
+        reply = requests.post(url, json=body, timeout=10)
+        return reply.headers.get("x-served-by", f"({reply.status_code})"), reply.headers.get("x-prefix-hit-blocks", "-")
+
+    def show(what, picks):
+        print(f"  {what:<58} -> {', '.join(picks)}")
+
+    print("\nThe endpoint picker (listener inference-pool; three mock vLLM pods, metrics scraped every 50 ms):")
+    pods["pod-a"].set_metrics(waiting=6, kv=0.7)
+    pods["pod-b"].set_metrics(waiting=0, kv=0.1)
+    pods["pod-c"].set_metrics(waiting=2, kv=0.4)
+    time.sleep(0.3)
+    show("queues a=6 b=0 c=2: four requests", [ask(f"one-off {n}")[0] for n in range(4)])
+    pods["pod-b"].set_metrics(waiting=9, kv=0.95)
+    time.sleep(0.3)
+    show("pod-b saturated (queue 9, KV 95%): four requests", [ask(f"one-off {n + 4}")[0] for n in range(4)])
+    for pod in pods.values():
+        pod.set_metrics(waiting=1, kv=0.3)
+    time.sleep(0.3)
+    system = "You are the ACME support assistant; answer from the policy handbook. " * 20
+    picks = [ask(system, f"question {n}") for n in range(5)]
+    show("equal load, one 1.4 KB system prompt, five users", [f"{pod} (cached blocks {hits})" for pod, hits in picks])
+    show("model sql-lora (an adapter pod-c serves)", [ask(f"lora {n}", model="sql-lora")[0] for n in range(3)])
+    stats = envoy.stats("processor.epp.endpoint")
+    picks = {name: stats.get(f"payload_processor.processor.epp.endpoint.127_0_0_1_{pod.port}.picks", 0)
+             for name, pod in pods.items()}
+    print("  picks per pod (stats processor.epp.endpoint.<ip_port>.picks):", json.dumps(picks))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--serve", action="store_true", help="keep Envoy running after the samples")
@@ -91,7 +130,10 @@ def main():
     args = parser.parse_args()
 
     pools = {name: ModelServer(name) for name in ("pool-llama", "pool-mistral", "pool-qwen")}
+    pods = {name: VllmServer(name) for name in ("pod-a", "pod-b", "pod-c")}
     values = {f"UPSTREAM_{key}_PORT": server.port for key, server in zip("ABC", pools.values())}
+    values.update({f"POD_{key}": pod.address for key, pod in zip("ABC", pods.values())})
+    values["POOL_LISTEN_PORT"] = args.port + 1 if args.serve and args.port else 0
     access_log = Path(tempfile.mkdtemp(prefix="demo-")) / "access.log"
     values.update(LISTEN_PORT=args.port if args.serve else 0, ADMIN_PORT=0, ACCESS_LOG=access_log,
                   WASM_PATH=ROOT / "dist" / "payload_processor.wasm")
@@ -104,7 +146,8 @@ def main():
               f"(started in {envoy.startup_seconds:.2f}s, admin on {envoy.admin})\n")
         run_samples(envoy, pools)
         run_stream(envoy, access_log, len(read_access_log(access_log, len(SAMPLES))))
-        stats = {k: v for k, v in envoy.stats().items() if v and "latency" not in k}
+        run_pool(envoy, pods)
+        stats = {k: v for k, v in envoy.stats().items() if v and "latency" not in k and ".endpoint." not in k}
         print("\nfilter stats:", json.dumps(stats, indent=1))
         if args.serve:
             print(f"\nServing (access log: {access_log}). Try:\n  curl -s 127.0.0.1:{envoy.port}/v1/chat/completions "
@@ -115,7 +158,7 @@ def main():
         pass
     finally:
         envoy.stop()
-        for server in pools.values():
+        for server in [*pools.values(), *pods.values()]:
             server.stop()
 
 

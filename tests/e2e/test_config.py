@@ -58,7 +58,9 @@ def test_every_bundled_bootstrap_loads(form):
     for path in paths:
         envoy = Envoy(render(path, {"LISTEN_PORT": 0, "ADMIN_PORT": 0, "UPSTREAM_A_PORT": 9, "UPSTREAM_B_PORT": 9,
                                     "UPSTREAM_C_PORT": 9, "UPSTREAM_DEFAULT_PORT": 9,
-                                    "WASM_PATH": DIST / "payload_processor.wasm", "ACCESS_LOG": "/dev/null"}))
+                                    "WASM_PATH": DIST / "payload_processor.wasm", "ACCESS_LOG": "/dev/null",
+                                    "POOL_LISTEN_PORT": 0, "POD_A": "127.0.0.1:9", "POD_B": "127.0.0.1:10",
+                                    "POD_C": "127.0.0.1:11"}))
         try:
             envoy.wait_ready()
         finally:
