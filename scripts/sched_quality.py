@@ -70,7 +70,7 @@ def plain_config(servers, lb_policy):
                      [static_cluster(servers, lb_policy)])
 
 
-def run_variant(name, config, servers, work, clients):
+def run_variant(name, config, servers, work, clients, rate=None):
     for server in servers:
         server.reset()
     envoy = Envoy(config).wait_ready()
@@ -81,6 +81,8 @@ def run_variant(name, config, servers, work, clients):
         next_index = iter(range(len(work)))
         lock = threading.Lock()
 
+        begin = time.perf_counter()
+
         def client():
             session = requests.Session()
             while True:
@@ -88,7 +90,14 @@ def run_variant(name, config, servers, work, clients):
                     index = next(next_index, None)
                 if index is None:
                     return
-                started = time.perf_counter()
+                if rate:
+                    # Open loop: request i is due at i / rate; latency counts from then, so a
+                    # client that fell behind still charges the wait to the variant.
+                    due = begin + index / rate
+                    time.sleep(max(0.0, due - time.perf_counter()))
+                    started = due
+                else:
+                    started = time.perf_counter()
                 response = session.post(url, json=work[index], timeout=60)
                 elapsed = (time.perf_counter() - started) * 1000
                 response.raise_for_status()
@@ -96,7 +105,7 @@ def run_variant(name, config, servers, work, clients):
                                   int(response.headers["x-prompt-blocks"]))
 
         started = time.perf_counter()
-        threads = [threading.Thread(target=client) for _ in range(clients)]
+        threads = [threading.Thread(target=client) for _ in range(clients if not rate else max(clients, 64))]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -131,6 +140,8 @@ def main():
     parser.add_argument("--cache-blocks", type=int, default=200, help="prefix-cache blocks per server")
     parser.add_argument("--base-ms", type=float, default=10.0, help="simulated latency of every request")
     parser.add_argument("--ms-per-block", type=float, default=2.0, help="simulated latency per uncached block")
+    parser.add_argument("--rate", type=float, default=150.0,
+                        help="open-loop arrival rate (req/s) for the equal-throughput table; 0: skip it")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--forms", default="dynamic-module,wasm")
     args = parser.parse_args()
@@ -144,13 +155,18 @@ def main():
     variants = [("round robin", plain_config(servers, "ROUND_ROBIN")), ("random", plain_config(servers, "RANDOM"))]
     for form in [f for f in args.forms.split(",") if f]:
         variants.append((f"endpoint-picker ({form})", picker_config(form, servers)))
-    rows = []
+    rows, open_rows = [], []
     try:
         for name, config in variants:
             row = run_variant(name, config, servers, work, args.clients)
             rows.append(row)
             print(f"{name}: hit rate {row['hit_rate']:.1%}, mean {row['mean_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, "
                   f"{row['rps']:.0f} req/s, spread {row['spread']}", flush=True)
+            if args.rate:
+                row = run_variant(name, config, servers, work, args.clients, rate=args.rate)
+                open_rows.append(row)
+                print(f"{name} at {args.rate:g} req/s: hit rate {row['hit_rate']:.1%}, mean {row['mean_ms']:.1f} ms, "
+                      f"p99 {row['p99_ms']:.1f} ms", flush=True)
     finally:
         for server in servers:
             server.stop()
@@ -165,13 +181,21 @@ def main():
         f"{args.system_bytes} bytes (skewed popularity) x random users, seed {args.seed}. Same request sequence for "
         "every variant, through real Envoy 1.40.",
         "",
-        "| variant | prefix-cache hit rate | mean latency | p50 | p99 | throughput | requests per instance |",
-        "|---|---:|---:|---:|---:|---:|---|",
     ]
-    for row in rows:
-        spread = " / ".join(str(v) for v in row["spread"].values())
-        lines.append(f"| {row['variant']} | {row['hit_rate']:.1%} | {row['mean_ms']:.1f} ms | {row['p50_ms']:.1f} ms | "
-                     f"{row['p99_ms']:.1f} ms | {row['rps']:.0f} req/s | {spread} |")
+
+    def table(title, table_rows):
+        lines.extend(["", title, "",
+                      "| variant | prefix-cache hit rate | mean latency | p50 | p99 | throughput | requests per instance |",
+                      "|---|---:|---:|---:|---:|---:|---|"])
+        for row in table_rows:
+            spread = " / ".join(str(v) for v in row["spread"].values())
+            lines.append(f"| {row['variant']} | {row['hit_rate']:.1%} | {row['mean_ms']:.1f} ms | {row['p50_ms']:.1f} ms | "
+                         f"{row['p99_ms']:.1f} ms | {row['rps']:.0f} req/s | {spread} |")
+
+    table(f"Closed loop ({args.clients} clients, each sending its next request when the last answered):", rows)
+    if open_rows:
+        table(f"Open loop at {args.rate:g} req/s for every variant (equal throughput; latency from the scheduled send "
+              "time):", open_rows)
     out = ROOT / "bench" / "results" / "scheduling.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
