@@ -28,6 +28,19 @@ pub struct CalloutRequest {
     pub timeout: Duration,
 }
 
+impl CalloutRequest {
+    /// All request headers as the proxy wants them: the pseudo-headers first, then the rest.
+    pub fn header_pairs(&self) -> Vec<(&str, &str)> {
+        let mut headers = vec![
+            (":method", self.method.as_str()),
+            (":path", self.path.as_str()),
+            (":authority", self.authority.as_str()),
+        ];
+        headers.extend(self.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        headers
+    }
+}
+
 /// The answer to a [`CalloutRequest`].
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct CalloutResponse {

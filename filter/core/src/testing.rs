@@ -107,13 +107,17 @@ impl FakeHost {
 
     /// Value of a counter by full metric name in `chain`.
     pub fn counter(&self, chain: &crate::Chain, name: &str) -> u64 {
-        let id = chain
-            .metrics()
-            .iter()
-            .position(|m| m.name == name)
-            .unwrap_or_else(|| panic!("no metric {name}"));
-        self.counters.get(&id).copied().unwrap_or(0)
+        self.counters.get(&metric_index(chain, name)).copied().unwrap_or(0)
     }
+}
+
+/// The id of the metric called `name` in `chain` (panics when there is none: a test bug).
+fn metric_index(chain: &crate::Chain, name: &str) -> usize {
+    chain
+        .metrics()
+        .iter()
+        .position(|m| m.name == name)
+        .unwrap_or_else(|| panic!("no metric {name}"))
 }
 
 impl Host for FakeHost {
@@ -224,12 +228,7 @@ pub struct FakeBackgroundHost {
 impl FakeBackgroundHost {
     /// Value of a counter by full metric name in `chain`.
     pub fn counter(&self, chain: &crate::Chain, name: &str) -> u64 {
-        let id = chain
-            .metrics()
-            .iter()
-            .position(|m| m.name == name)
-            .unwrap_or_else(|| panic!("no metric {name}"));
-        self.counters.get(&id).copied().unwrap_or(0)
+        self.counters.get(&metric_index(chain, name)).copied().unwrap_or(0)
     }
 
     /// Value of a gauge by full metric name in `chain`.

@@ -171,12 +171,7 @@ impl BackgroundHost for EnvoyBackgroundHost<'_> {
     }
 
     fn http_callout(&mut self, request: &CalloutRequest) -> Result<u64, CalloutError> {
-        let mut headers: Vec<(&str, &str)> = vec![
-            (":method", &request.method),
-            (":path", &request.path),
-            (":authority", &request.authority),
-        ];
-        headers.extend(request.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let headers = request.header_pairs();
         let timeout_ms = u64::try_from(request.timeout.as_millis()).unwrap_or(u64::MAX).max(1);
         self.config
             .http_callout(&request.cluster, &headers, &request.body, timeout_ms)

@@ -194,12 +194,7 @@ impl BackgroundHost for WasmBackgroundHost<'_> {
     }
 
     fn http_callout(&mut self, request: &CalloutRequest) -> Result<u64, CalloutError> {
-        let mut headers: Vec<(&str, &str)> = vec![
-            (":method", &request.method),
-            (":path", &request.path),
-            (":authority", &request.authority),
-        ];
-        headers.extend(request.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let headers = request.header_pairs();
         let body = (!request.body.is_empty()).then_some(request.body.as_slice());
         self.root
             .dispatch_http_call(&request.cluster, headers, body, Vec::new(), request.timeout)
