@@ -487,10 +487,12 @@ struct RawRequest<'a> {
 
 /// The model and the prompt bytes of a request body. The prompt is the members' JSON text as
 /// the client wrote it: one application writes the same system prompt the same way every time,
-/// which is what prefix affinity needs, and it costs one scan instead of a parse.
+/// which is what prefix affinity needs, and it costs one scan instead of a parse. At most
+/// `limit` prompt bytes are kept: only those get hashed.
 fn model_and_prompt(
     body: &mut payload_processor_core::Body,
     model_field: &str,
+    limit: usize,
 ) -> Result<(String, Vec<u8>), PluginError> {
     let invalid = |err: String| PluginError::bad_request("invalid_json", err);
     let as_text = |raw: Option<&RawValue>| raw.and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
@@ -508,6 +510,7 @@ fn model_and_prompt(
                 serde_json::to_writer(&mut prompt, value).map_err(|err| invalid(err.to_string()))?;
             }
         }
+        prompt.truncate(limit);
         return Ok((model, prompt));
     }
     let raw = body.raw();
@@ -662,7 +665,11 @@ impl EndpointPicker {
         if !self.reads_body || ctx.body().is_blank() {
             return Ok((String::new(), Vec::new()));
         }
-        let (model, prompt) = model_and_prompt(ctx.body(), &self.model_field)?;
+        let limit = self
+            .prefix_config
+            .block_size
+            .saturating_mul(self.prefix_config.max_blocks);
+        let (model, prompt) = model_and_prompt(ctx.body(), &self.model_field, limit)?;
         let blocks = if self.weights.prefix_cache > 0.0 {
             block_hashes(
                 &model,
