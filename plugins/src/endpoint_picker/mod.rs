@@ -763,25 +763,23 @@ impl Plugin for EndpointPicker {
         let Some(&first) = state.picked.first() else {
             return Ok(Decision::Continue); // nothing was picked (fail-open or no request phase)
         };
-        let upstream = ctx.upstream_address();
-        let served = upstream
-            .as_deref()
-            .and_then(|address| self.endpoints.iter().position(|e| e.address == address));
+        // No upstream host: Envoy answered itself (no healthy host, connect failure before a
+        // host was chosen). Nothing was served, nothing is reported or learnt.
+        let Some(upstream) = ctx.upstream_address() else {
+            return Ok(Decision::Continue);
+        };
+        let served = self.endpoints.iter().position(|e| e.address == upstream);
         if served.is_some_and(|s| s != first) {
             ctx.increment(self.served_other);
         }
-        let served_address = match (served, upstream) {
-            (Some(index), _) => self.endpoints[index].address.clone(),
-            (None, Some(address)) => address,
-            (None, None) => self.endpoints[first].address.clone(),
-        };
+        let served_address = served.map_or(upstream, |index| self.endpoints[index].address.clone());
         ctx.set_metadata(LB_NAMESPACE, SERVED, &served_address);
         if let Some(header) = &self.served_header {
             ctx.set_header(header, &served_address)?;
         }
         let status: u16 = ctx.header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
-        if (200..300).contains(&status) && !state.blocks.is_empty() {
-            self.prefix.record(served.unwrap_or(first), &state.blocks);
+        if let Some(served) = served.filter(|_| (200..300).contains(&status) && !state.blocks.is_empty()) {
+            self.prefix.record(served, &state.blocks);
         }
         Ok(Decision::Continue)
     }

@@ -448,3 +448,24 @@ fn bodies_edited_by_an_earlier_processor_are_read_as_edited() {
         );
     }
 }
+
+#[test]
+fn a_reply_envoy_made_itself_reports_no_served_endpoint_and_teaches_nothing() {
+    let chain = chain(
+        &format!("{{endpoints: ['{A}', '{B}'], servedHeader: x-served-by}}"),
+        "FailClosed",
+    );
+    let prompt = chat(&"a prefix nobody served ".repeat(20));
+    let (mut stream, mut host) = request(&chain, 1, &[], &prompt);
+    host.response_headers = vec![(":status".into(), "200".into())];
+    host.upstream = None;
+    stream.on_response_headers(&mut host, true);
+    assert!(host.header_values(Direction::Response, "x-served-by").is_empty());
+    assert!(!host
+        .metadata
+        .contains_key(&("envoy.lb".into(), "x-gateway-destination-endpoint-served".into())));
+    let picks: std::collections::HashSet<String> = (0..30)
+        .map(|_| destination(&request(&chain, 2, &[], &prompt).1).unwrap())
+        .collect();
+    assert_eq!(picks.len(), 2, "no affinity was learnt");
+}
