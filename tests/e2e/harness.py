@@ -149,7 +149,7 @@ class EnvoyFailed(Exception):
 class Envoy:
     """A real Envoy process; `port` is the listener, `admin` the admin port."""
 
-    def __init__(self, config, log_level="info", extra_env=None):
+    def __init__(self, config, log_level="info", extra_env=None, concurrency=1):
         self.dir = Path(tempfile.mkdtemp(prefix="envoy-e2e-"))
         self.config_path = self.dir / "envoy.yaml"
         self.config_path.write_text(config if isinstance(config, str) else json.dumps(config, indent=1))
@@ -158,7 +158,7 @@ class Envoy:
         env = dict(os.environ, ENVOY_DYNAMIC_MODULES_SEARCH_PATH=str(DIST), **(extra_env or {}))
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
-            [ENVOY, "-c", str(self.config_path), "--concurrency", "1", "-l", log_level,
+            [ENVOY, "-c", str(self.config_path), "--concurrency", str(concurrency), "-l", log_level,
              "--base-id", str(random.randint(1000, 60000)), "--admin-address-path", str(self.admin_path),
              "--log-path", str(self.log_path), "--disable-hot-restart", "--file-flush-interval-msec", "50"],
             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env, cwd=self.dir,

@@ -349,3 +349,32 @@ def test_the_pick_and_its_scores_are_in_the_debug_log(form, servers, start_envoy
         assert time.monotonic() < deadline, gateway.envoy.log()[-3000:]
         time.sleep(0.1)
     assert "queue=1.00 kv=0.90" in gateway.envoy.log()
+
+
+def test_two_workers_share_one_view_and_scrape_once(form, servers, start_envoy):
+    """With two worker threads the .so shares one picker; the .wasm has one VM per worker, and
+    they elect one scraper through shared data and share its metrics."""
+    from harness import bootstrap
+
+    a, b, c = servers["a"], servers["b"], servers["c"]
+    a.set_metrics(waiting=5, kv=0.5)
+    b.set_metrics(waiting=0, kv=0.1)
+    c.set_metrics(waiting=5, kv=0.5)
+    chain_text = json.dumps({"processors": [{"name": "epp", "type": "endpoint-picker", "parameters": {
+        "endpoints": [a.address, b.address, c.address], "metricsCluster": "pool", "scrapeInterval": "50ms"}}]})
+    config = bootstrap([processor_filter(form, chain_text)], [route("pool")],
+                       [original_dst("pool", use_http_header=True, http_header_name=DEST)])
+    envoy = start_envoy(config, concurrency=2)
+    time.sleep(0.5)
+    before = b.model.scrapes
+    time.sleep(2.0)
+    scrapes = b.model.scrapes - before
+    # One scraper at 20 per second: about 40 (each worker scraping on its own would be 80+).
+    assert 25 <= scrapes <= 60, scrapes
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    served = set()
+    for _ in range(20):
+        # A new connection each time, so both workers serve some.
+        response = requests.post(envoy.url(), json=body, headers={"connection": "close"}, timeout=TIMEOUT)
+        served.add(response.headers.get("x-served-by"))
+    assert served == {"b"}

@@ -66,6 +66,21 @@ pub trait BackgroundHost {
     fn increment_counter(&mut self, id: MetricId, by: u64);
     /// Sets a gauge declared by the chain.
     fn set_gauge(&mut self, id: MetricId, value: u64);
+    /// Whether other copies of this configuration run elsewhere in the proxy and can be reached
+    /// through shared data (proxy-wasm: one VM per worker). False (the default) where every
+    /// thread already uses the same plugin instance (the dynamic module).
+    fn has_shared_data(&self) -> bool {
+        false
+    }
+    /// A shared value and its version, if set.
+    fn shared_data_get(&self, _key: &str) -> Option<(Vec<u8>, u32)> {
+        None
+    }
+    /// Stores a shared value if its version is still `version` (0: whatever it is); false when
+    /// another copy changed it first or the host has no shared data.
+    fn shared_data_set(&mut self, _key: &str, _value: &[u8], _version: u32) -> bool {
+        false
+    }
 }
 
 /// Background work of a plugin; a plugin opts in through [`crate::Plugin::background`].
@@ -98,6 +113,22 @@ impl BackgroundContext<'_> {
         let handle = self.host.http_callout(request)?;
         self.started.push((handle, tag));
         Ok(())
+    }
+
+    /// Whether copies of this configuration elsewhere in the proxy share data with this one
+    /// (see [`BackgroundHost::has_shared_data`]).
+    pub fn has_shared_data(&self) -> bool {
+        self.host.has_shared_data()
+    }
+
+    /// A value shared with the other copies, and its version.
+    pub fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.host.shared_data_get(key)
+    }
+
+    /// Stores a shared value if it is still at `version` (0: unconditionally); true when stored.
+    pub fn shared_set(&mut self, key: &str, value: &[u8], version: u32) -> bool {
+        self.host.shared_data_set(key, value, version)
     }
 
     /// Adds one to a counter declared by this processor.

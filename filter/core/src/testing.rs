@@ -208,6 +208,9 @@ impl Host for FakeHost {
     }
 }
 
+/// Shared data of fake background hosts: key -> (value, version).
+pub type SharedData = std::rc::Rc<std::cell::RefCell<BTreeMap<String, (Vec<u8>, u32)>>>;
+
 /// A fake [`BackgroundHost`]: records the callouts sent and hands out handles 1, 2, ...
 #[derive(Debug, Default)]
 pub struct FakeBackgroundHost {
@@ -223,6 +226,9 @@ pub struct FakeBackgroundHost {
     pub gauges: BTreeMap<usize, u64>,
     /// Handles handed out so far.
     pub handles: u64,
+    /// Shared data (key -> value, version), shared with other fake hosts through the `Rc`
+    /// when set; `None`: the host has no shared data.
+    pub shared: Option<SharedData>,
 }
 
 impl FakeBackgroundHost {
@@ -265,6 +271,22 @@ impl BackgroundHost for FakeBackgroundHost {
     }
     fn set_gauge(&mut self, id: MetricId, value: u64) {
         self.gauges.insert(id.0, value);
+    }
+    fn has_shared_data(&self) -> bool {
+        self.shared.is_some()
+    }
+    fn shared_data_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        self.shared.as_ref()?.borrow().get(key).cloned()
+    }
+    fn shared_data_set(&mut self, key: &str, value: &[u8], version: u32) -> bool {
+        let Some(shared) = &self.shared else { return false };
+        let mut shared = shared.borrow_mut();
+        let current = shared.get(key).map_or(0, |(_, v)| *v);
+        if version != 0 && version != current {
+            return false;
+        }
+        shared.insert(key.to_string(), (value.to_vec(), current + 1));
+        true
     }
 }
 

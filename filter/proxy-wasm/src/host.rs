@@ -213,6 +213,21 @@ impl BackgroundHost for WasmBackgroundHost<'_> {
             let _ = hostcalls::record_metric(*metric, value);
         }
     }
+
+    fn has_shared_data(&self) -> bool {
+        true // one VM per worker: copies of the configuration meet in the host's shared data
+    }
+
+    fn shared_data_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        match hostcalls::get_shared_data(key) {
+            Ok((Some(value), cas)) => Some((value, cas.unwrap_or(0))),
+            _ => None,
+        }
+    }
+
+    fn shared_data_set(&mut self, key: &str, value: &[u8], version: u32) -> bool {
+        hostcalls::set_shared_data(key, Some(value), (version != 0).then_some(version)).is_ok()
+    }
 }
 
 fn wall_clock_nanos() -> u64 {

@@ -2,7 +2,7 @@
 //! uses. Parsing is done by `openmetrics-parser`; this file only picks the metrics out.
 
 use openmetrics_parser::{prometheus::parse_prometheus, MetricNumber, PrometheusValue};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Largest metrics page read; a model server's page is a few tens of KiB.
 pub(crate) const MAX_METRICS_BYTES: usize = 4 << 20;
@@ -51,7 +51,7 @@ impl Default for MetricNames {
 }
 
 /// What one scrape says about a server.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ServerMetrics {
     /// Queue depth (sum over the page's series).
     pub waiting: f64,
@@ -65,7 +65,7 @@ pub struct ServerMetrics {
 }
 
 /// The server's LoRA adapters, from the newest `lora_requests_info` series.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LoraInfo {
     /// Adapters running or waiting.
     pub active: Vec<String>,

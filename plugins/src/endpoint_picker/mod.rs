@@ -48,10 +48,11 @@ use payload_processor_core::{
     Background, BackgroundContext, BuildContext, CalloutError, CalloutRequest, CalloutResponse, ConfigError, Context,
     Counter, Decision, Gauge, LocalReply, PhaseNeed, Plugin, PluginError,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 use std::collections::HashSet;
+use std::hash::BuildHasher;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -292,6 +293,10 @@ pub struct EndpointPicker {
     model_field: String,
     reads_body: bool,
     seed: AtomicU64,
+    /// Shared-data key prefix of this configuration's pool (same in every copy of it).
+    shared_key: String,
+    /// This copy's identity in the scrape lease.
+    instance: u64,
     no_endpoint: Counter,
     shed: Counter,
     served_other: Counter,
@@ -431,6 +436,19 @@ pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugi
     }
     let reads_body = weights.prefix_cache > 0.0 || weights.lora_affinity > 0.0;
     let count = endpoints.len();
+    // Copies of this configuration (one per wasm VM) find each other under a key made of what
+    // defines the pool; two different pools never share one.
+    let identity = format!(
+        "{}|{:?}|{:?}|{}",
+        ctx.processor_name(),
+        endpoints.iter().map(|e| &e.address).collect::<Vec<_>>(),
+        config.metrics_cluster,
+        config.metrics_path
+    );
+    let shared_key = format!(
+        "payload-processor/endpoint-picker/{:016x}",
+        xxhash_rust::xxh3::xxh3_64(identity.as_bytes())
+    );
     Ok(Arc::new(EndpointPicker {
         name: ctx.processor_name().to_string(),
         state: RwLock::new(vec![EndpointState::default(); count]),
@@ -451,6 +469,9 @@ pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugi
         model_field,
         reads_body,
         seed: AtomicU64::new(0x9e37_79b9_7f4a_7c15),
+        shared_key,
+        // Random per copy (RandomState draws from the OS, WASI's random_get in wasm).
+        instance: std::collections::hash_map::RandomState::new().hash_one(0u8) | 1,
         no_endpoint: ctx.counter("no_endpoint"),
         shed: ctx.counter("shed"),
         served_other: ctx.counter("served_other_than_picked"),
@@ -798,16 +819,18 @@ impl Background for EndpointPicker {
     fn on_tick(&self, ctx: &mut BackgroundContext<'_>) {
         let Some(cluster) = &self.metrics_cluster else { return };
         let now = ctx.now_nanos();
+        if ctx.has_shared_data() && !self.hold_scrape_lease(ctx, now) {
+            // Another copy (wasm VM) scrapes for everybody: take its results.
+            self.load_shared_metrics(ctx, now);
+            return;
+        }
         let interval = u64::try_from(self.scrape_interval.as_nanos()).unwrap_or(u64::MAX);
         let timeout = u64::try_from(self.scrape_timeout.as_nanos()).unwrap_or(u64::MAX);
         let mut due = Vec::new();
         {
             let mut states = self.state.write().unwrap_or_else(|poisoned| poisoned.into_inner());
             for (index, state) in states.iter_mut().enumerate() {
-                let age_ms = state
-                    .scraped_at
-                    .map_or(u64::MAX, |at| now.saturating_sub(at) / 1_000_000);
-                ctx.set_gauge(self.endpoints[index].metrics_age_ms, age_ms.min(i64::MAX as u64));
+                self.report_age(ctx, index, state, now);
                 // A scrape still in flight blocks the next one, unless the proxy lost it.
                 let busy = state
                     .scrape_started
@@ -863,6 +886,19 @@ impl Background for EndpointPicker {
             Ok(metrics) => {
                 state.metrics = metrics;
                 state.scraped_at = Some(now);
+                if ctx.has_shared_data() {
+                    let snapshot: Vec<SharedEndpoint> = states
+                        .iter()
+                        .map(|s| SharedEndpoint {
+                            metrics: s.metrics.clone(),
+                            scraped_at: s.scraped_at,
+                        })
+                        .collect();
+                    drop(states);
+                    if let Ok(bytes) = serde_json::to_vec(&snapshot) {
+                        ctx.shared_set(&format!("{}/metrics", self.shared_key), &bytes, 0);
+                    }
+                }
             }
             Err(reason) => {
                 drop(states);
@@ -873,6 +909,62 @@ impl Background for EndpointPicker {
                 );
                 ctx.increment(endpoint.scrape_failures);
             }
+        }
+    }
+}
+
+/// One endpoint in the metrics snapshot the scraping copy shares with the others.
+#[derive(Serialize, Deserialize)]
+struct SharedEndpoint {
+    metrics: ServerMetrics,
+    scraped_at: Option<u64>,
+}
+
+impl EndpointPicker {
+    fn report_age(&self, ctx: &mut BackgroundContext<'_>, index: usize, state: &EndpointState, now: u64) {
+        let age_ms = state
+            .scraped_at
+            .map_or(u64::MAX, |at| now.saturating_sub(at) / 1_000_000);
+        ctx.set_gauge(self.endpoints[index].metrics_age_ms, age_ms.min(i64::MAX as u64));
+    }
+
+    /// Where copies of the configuration run side by side (wasm VMs), one of them scrapes: the
+    /// holder of a lease in shared data, renewed every tick and taken over when it lapses
+    /// (its VM went away). True when this copy holds it now.
+    fn hold_scrape_lease(&self, ctx: &mut BackgroundContext<'_>, now: u64) -> bool {
+        let key = format!("{}/lease", self.shared_key);
+        let lapse = u64::try_from(self.tick_interval().as_nanos().saturating_mul(4)).unwrap_or(u64::MAX);
+        let (holder, expiry, version) = match ctx.shared_get(&key) {
+            Some((value, version)) => {
+                let text = String::from_utf8_lossy(&value).into_owned();
+                let mut parts = text.split(':').map(|part| part.parse::<u64>().unwrap_or(0));
+                (parts.next().unwrap_or(0), parts.next().unwrap_or(0), version)
+            }
+            None => (0, 0, 0),
+        };
+        if holder != self.instance && now < expiry {
+            return false;
+        }
+        let lease = format!("{}:{}", self.instance, now.saturating_add(lapse));
+        ctx.shared_set(&key, lease.as_bytes(), version)
+    }
+
+    /// Takes the scraping copy's newer metrics into this copy's view.
+    fn load_shared_metrics(&self, ctx: &mut BackgroundContext<'_>, now: u64) {
+        let snapshot = ctx
+            .shared_get(&format!("{}/metrics", self.shared_key))
+            .and_then(|(bytes, _)| serde_json::from_slice::<Vec<SharedEndpoint>>(&bytes).ok())
+            .unwrap_or_default();
+        let mut states = self.state.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (index, state) in states.iter_mut().enumerate() {
+            if let Some(shared) = snapshot
+                .get(index)
+                .filter(|shared| shared.scraped_at > state.scraped_at)
+            {
+                state.metrics = shared.metrics.clone();
+                state.scraped_at = shared.scraped_at;
+            }
+            self.report_age(ctx, index, state, now);
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The picker through the engine: a fake host for streams, a fake background host for scrapes.
 
 use crate::builtin_registry;
-use payload_processor_core::testing::{run_request_phase, FakeBackgroundHost, FakeHost};
+use payload_processor_core::testing::{run_request_phase, FakeBackgroundHost, FakeHost, SharedData};
 use payload_processor_core::{CalloutResponse, Chain, Direction, Stream};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -468,4 +468,47 @@ fn a_reply_envoy_made_itself_reports_no_served_endpoint_and_teaches_nothing() {
         .map(|_| destination(&request(&chain, 2, &[], &prompt).1).unwrap())
         .collect();
     assert_eq!(picks.len(), 2, "no affinity was learnt");
+}
+
+#[test]
+fn copies_with_shared_data_scrape_once_and_share_the_view_and_take_over_when_one_goes() {
+    // Two copies of one configuration, as two wasm VMs would hold them.
+    let first = pool("");
+    let second = pool("");
+    let shared = SharedData::default();
+    let mut host_one = FakeBackgroundHost {
+        shared: Some(std::rc::Rc::clone(&shared)),
+        ..FakeBackgroundHost::default()
+    };
+    let mut host_two = FakeBackgroundHost {
+        shared: Some(std::rc::Rc::clone(&shared)),
+        ..FakeBackgroundHost::default()
+    };
+    let pages = HashMap::from([(A, vllm(4, 0.5)), (B, vllm(0, 0.1)), (C, vllm(2, 0.3))]);
+    scrape(&first, &mut host_one, 10 * MS, &pages);
+    host_two.now = 11 * MS;
+    second.on_tick(&mut host_two);
+    assert!(
+        host_two.take_sent().is_empty(),
+        "the second copy does not scrape while the first holds the lease"
+    );
+    let (_, host) = request(&second, 12 * MS, &[], &chat("x"));
+    assert_eq!(
+        destination(&host).as_deref(),
+        Some(B),
+        "the second copy sees the first one's metrics"
+    );
+    // The first copy goes away; once its lease lapses the second scrapes.
+    host_two.now = 200 * MS;
+    second.on_tick(&mut host_two);
+    assert_eq!(host_two.take_sent().len(), 3);
+    // A different pool never reads this one's data.
+    let other = chain(&format!("{{endpoints: ['{A}'], metricsCluster: other}}"), "FailClosed");
+    let mut host_three = FakeBackgroundHost {
+        shared: Some(shared),
+        now: 201 * MS,
+        ..FakeBackgroundHost::default()
+    };
+    other.on_tick(&mut host_three);
+    assert_eq!(host_three.take_sent().len(), 1);
 }
