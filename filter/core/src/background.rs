@@ -2,8 +2,9 @@
 //! own clusters (the endpoint picker scrapes model-server metrics this way).
 //!
 //! The adapter drives it: the dynamic module from a config-level scheduler on Envoy's main
-//! thread (one view shared by every worker), proxy-wasm from each VM's root-context tick (one
-//! view per worker VM). Plugins only see [`BackgroundContext`].
+//! thread (one plugin instance for every worker), proxy-wasm from each VM's root-context tick
+//! (one instance per worker VM; they can coordinate through shared data). Plugins only see
+//! [`BackgroundContext`].
 
 use crate::host::MetricId;
 use crate::plugin::{Counter, Gauge};

@@ -14,8 +14,9 @@
 //!   with `failure_policy: FAIL_RELOAD` Envoy answers that request with 503 and starts a
 //!   fresh VM for the next one (the dynamic module answers 500 `processor_panic`);
 //! - Envoy prefixes wasm metrics with `wasmcustom.`;
-//! - background work (the endpoint picker's metric scrapes) runs on each VM's tick, so every
-//!   worker VM keeps its own view (the dynamic module shares one view across workers);
+//! - background work (the endpoint picker's metric scrapes) runs on each VM's tick; plugins
+//!   coordinate the VMs through shared data (the picker elects one scraper and shares its
+//!   metrics), where the dynamic module has one plugin instance for every worker;
 //! - dynamic metadata cannot be written: the endpoint picker also sets the typed filter state
 //!   `envoy.network.transport_socket.original_dst_address`, which ORIGINAL_DST clusters honour.
 #![forbid(unsafe_code)]
@@ -131,7 +132,8 @@ impl RootContext for Root {
                 log::info!("payload-processor: loaded chain [{}]", names.join(", "));
                 let memory_gauge =
                     proxy_wasm::hostcalls::define_metric(MetricType::Gauge, "payload_processor.wasm_memory_bytes").ok();
-                // Background work (metric scrapes) runs on this VM's tick: one view per VM.
+                // Background work (metric scrapes) runs on this VM's tick; plugins coordinate
+                // the VMs through shared data.
                 if let Some(interval) = chain.tick_interval() {
                     self.set_tick_period(interval.max(std::time::Duration::from_millis(1)));
                 }
