@@ -271,8 +271,9 @@ struct EndpointState {
     next_scrape: u64,
 }
 
-/// The plugin. Its pool view is shared by every stream of this configuration (every worker
-/// thread in the dynamic module; every stream of one VM in wasm).
+/// The plugin. Its pool view is shared by every stream of this configuration: every worker
+/// thread in the dynamic module; in wasm every stream of one VM, the VMs electing one scraper
+/// and sharing its metrics through the host's shared data.
 pub struct EndpointPicker {
     name: String,
     endpoints: Vec<Endpoint>,
