@@ -19,7 +19,12 @@ processors:
   - {name: usage, type: token-usage, failureMode: FailOpen, match: {pathPrefixes: [/v1/]},
      parameters: {responseHeaders: x-usage-}}
   - {name: pii, type: pii-guard, match: {pathPrefixes: [/v1/]}, parameters: {direction: Request, reportHeader: x-pii-findings}}
+  - {name: epp, type: endpoint-picker, match: {pathPrefixes: [/v1/]},
+     parameters: {endpoints: ['127.0.0.1:9'], servedHeader: x-gateway-destination-endpoint-served}}
 """
+# The upstream's own address, for the served-endpoint row (the picker reports where the request
+# really went: here the route's static cluster, not the pick).
+UPSTREAM = "upstream-address"
 
 CHAT = "/v1/chat/completions"
 MCP = "/mcp"
@@ -50,6 +55,8 @@ ROWS = [
     ("x-pii-findings", CHAT, chat("model-a", "mail a@b.io"), {}, "client", "email"),
     ("x-pii-findings", CHAT, chat("model-a"), {}, "client", None),
     ("x-usage-total-tokens", CHAT, chat("model-a"), {}, "client", None),
+    ("x-gateway-destination-endpoint", CHAT, chat("model-a"), {}, "upstream", "127.0.0.1:9"),
+    ("x-gateway-destination-endpoint-served", CHAT, chat("model-a"), {}, "client", UPSTREAM),
 ]
 
 
@@ -77,4 +84,6 @@ def test_gateway_owned_header_cannot_be_spoofed(envoy, upstreams, key, path, bod
         values = [v for k, v in reply.raw.headers.items() if k.lower() == key]
         assert len(values) <= 1, values
         seen = values[0] if values else None
+    if expected == UPSTREAM:
+        expected = f"127.0.0.1:{upstreams['default'].port}"
     assert seen == expected
