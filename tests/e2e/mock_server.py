@@ -7,6 +7,7 @@ completion. Handles chunked request bodies. Listens on 127.0.0.1 only.
 import base64
 import hashlib
 import json
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -28,6 +29,20 @@ def _read_chunked(rfile):
             return bytes(body)
         body += rfile.read(size)
         rfile.readline()
+
+
+class ModelServerHandler(BaseHTTPRequestHandler):
+    """Base of the model-server mocks: HTTP/1.1, silent, and each write leaves at once (no Nagle
+    delay), as a real model server's streamed events would."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def setup(self):
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().setup()
 
 
 class _Handler(BaseHTTPRequestHandler):

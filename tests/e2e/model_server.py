@@ -22,9 +22,8 @@ import socket
 import time
 import zlib
 from urllib.parse import unquote
-from http.server import BaseHTTPRequestHandler
 
-from mock_server import LocalServer, read_body
+from mock_server import LocalServer, ModelServerHandler, read_body
 
 DEFAULT_REPLY = "Hello there, caf\u00e9 \u00fcber \u2603 \U0001f600 how can I help?"
 
@@ -44,16 +43,7 @@ def sse(data, event=None):
     return (head + "data: " + (data if isinstance(data, str) else json.dumps(data)) + "\n\n").encode()
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def setup(self):
-        # Each event leaves when written (no Nagle delay), as a real model server's would.
-        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        super().setup()
+class _Handler(ModelServerHandler):
 
     def do_GET(self):
         self.server.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},

@@ -21,9 +21,8 @@ import socket
 import threading
 import time
 from collections import OrderedDict
-from http.server import BaseHTTPRequestHandler
 
-from mock_server import LocalServer, read_body
+from mock_server import LocalServer, ModelServerHandler, read_body
 
 BLOCK = 64
 
@@ -49,15 +48,7 @@ def block_hashes(model, prompt):
     return hashes
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args):
-        pass
-
-    def setup(self):
-        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        super().setup()
+class _Handler(ModelServerHandler):
 
     def _send(self, status, content_type, payload, extra=()):
         self.send_response(status)
