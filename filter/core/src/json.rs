@@ -14,6 +14,8 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 use std::fmt;
 
+mod scan;
+
 /// Why a body could not be read as JSON.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JsonError {
@@ -329,7 +331,38 @@ fn unquote(name: &str) -> String {
 }
 
 /// Finds `key` in the JSON object `json` without building a tree. `Ok(None)` when absent.
+///
+/// The structural pass ([`scan`]) answers for well-formed bodies at close to `memchr` speed;
+/// whatever it cannot vouch for is decided (and its error worded) by serde_json.
 pub fn find_member<'a>(json: &'a [u8], key: &str) -> Result<Option<&'a RawValue>, JsonError> {
+    let span = match scan::find_key(json, key, true) {
+        Ok(scan::Found::Absent) => return Ok(None),
+        Ok(scan::Found::Twice) => return Err(JsonError::DuplicateKey(key.to_string())),
+        Ok(scan::Found::Once(span)) => span,
+        Err(scan::Unsure) => return find_member_by_serde(json, key),
+    };
+    // Found early, so the rest was not read. Only a second occurrence of the key could change
+    // the answer; it must be spelled either as the same quoted bytes or with an escape, so a
+    // memchr search of the rest rules it out in the common case and a full pass decides
+    // otherwise.
+    let rest = &json[span.end..];
+    let quoted = format!("\"{key}\"");
+    if memchr::memmem::find(rest, quoted.as_bytes()).is_some() || memchr::memmem::find(rest, b"\\u").is_some() {
+        match scan::find_key(json, key, false) {
+            Ok(scan::Found::Twice) => return Err(JsonError::DuplicateKey(key.to_string())),
+            Ok(_) => {}
+            Err(scan::Unsure) => return find_member_by_serde(json, key),
+        }
+    }
+    // The value itself is checked in full (UTF-8, control characters) by serde_json.
+    match serde_json::from_slice::<&RawValue>(&json[span]) {
+        Ok(raw) => Ok(Some(raw)),
+        Err(_) => find_member_by_serde(json, key),
+    }
+}
+
+/// [`find_member`] by serde_json alone: the authority on malformed bodies and their messages.
+fn find_member_by_serde<'a>(json: &'a [u8], key: &str) -> Result<Option<&'a RawValue>, JsonError> {
     let mut found = None;
     let mut de = serde_json::Deserializer::from_slice(json);
     let scan = de::Deserializer::deserialize_any(&mut de, FirstMember { key, found: &mut found });
@@ -340,9 +373,6 @@ pub fn find_member<'a>(json: &'a [u8], key: &str) -> Result<Option<&'a RawValue>
         return Ok(None);
     };
     // Found early: the scan stopped inside the object on purpose, so its error is expected.
-    // Only a second occurrence of the key could change the answer; it must be spelled either
-    // as the same quoted bytes or with an escape, so a memchr search of the rest rules it out
-    // in the common case and a full scan decides otherwise.
     let end = offset_in(json, raw.get().as_bytes()) + raw.get().len();
     let rest = &json[end..];
     let quoted = format!("\"{key}\"");

@@ -1,0 +1,320 @@
+//! A structural pass over a JSON object that finds its top-level members without building
+//! anything, fast enough to run on every request body.
+//!
+//! Request bodies of LLM APIs are mostly long strings (prompts), so the pass jumps through
+//! strings with `memchr2` (SIMD, chosen at run time) for the closing quote or a backslash,
+//! instead of looking at every byte as a general parser does. Outside strings it checks the
+//! grammar: brackets, separators, numbers, literals, escapes, the UTF-8 of top-level keys and
+//! nothing after the object. It does not check what a skipped string holds (its UTF-8, or raw
+//! control characters), as serde_json does not when it skips a value either.
+//!
+//! It answers only when it is sure. Anything it does not accept is `Err(Unsure)`, and the
+//! caller asks serde_json, which is the authority on what is valid and words the error.
+
+use memchr::{memchr, memchr2};
+use std::ops::Range;
+
+/// The pass could not vouch for the document; serde_json decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Unsure;
+
+/// What the pass found for one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Found {
+    /// The key is not a member of the (well-formed) object.
+    Absent,
+    /// The key's value, at this span. With `stop_at_first`, the rest was not looked at.
+    Once(Range<usize>),
+    /// The key occurs more than once.
+    Twice,
+}
+
+/// Scans the top-level object in `json` for `key`. With `stop_at_first` it returns at the first
+/// occurrence; otherwise it reads the whole document (and so also checks its structure).
+pub(crate) fn find_key(json: &[u8], key: &str, stop_at_first: bool) -> Result<Found, Unsure> {
+    let mut pos = skip_ws(json, 0);
+    expect(json, pos, b'{')?;
+    pos = skip_ws(json, pos + 1);
+    let mut found = None;
+    if json.get(pos) == Some(&b'}') {
+        pos += 1;
+    } else {
+        loop {
+            expect(json, pos, b'"')?;
+            let key_end = skip_string(json, pos + 1)?;
+            let is_key = key_equals(&json[pos..key_end], key)?;
+            pos = skip_ws(json, key_end);
+            expect(json, pos, b':')?;
+            let value_start = skip_ws(json, pos + 1);
+            pos = skip_value(json, value_start)?;
+            if is_key {
+                if found.is_some() {
+                    return Ok(Found::Twice);
+                }
+                if stop_at_first {
+                    return Ok(Found::Once(value_start..pos));
+                }
+                found = Some(value_start..pos);
+            }
+            pos = skip_ws(json, pos);
+            match json.get(pos) {
+                Some(b',') => pos = skip_ws(json, pos + 1),
+                Some(b'}') => {
+                    pos += 1;
+                    break;
+                }
+                _ => return Err(Unsure),
+            }
+        }
+    }
+    if skip_ws(json, pos) != json.len() {
+        return Err(Unsure);
+    }
+    Ok(found.map_or(Found::Absent, Found::Once))
+}
+
+fn expect(json: &[u8], pos: usize, byte: u8) -> Result<(), Unsure> {
+    if json.get(pos) == Some(&byte) {
+        Ok(())
+    } else {
+        Err(Unsure)
+    }
+}
+
+fn skip_ws(json: &[u8], mut pos: usize) -> usize {
+    while let Some(b' ' | b'\t' | b'\n' | b'\r') = json.get(pos) {
+        pos += 1;
+    }
+    pos
+}
+
+/// Does the quoted key (quotes included) equal `key`? Keys must be valid UTF-8, as serde_json
+/// requires when it reads them; escaped keys are decoded by serde_json.
+fn key_equals(quoted: &[u8], key: &str) -> Result<bool, Unsure> {
+    let inner = &quoted[1..quoted.len() - 1];
+    if memchr(b'\\', inner).is_none() {
+        std::str::from_utf8(inner).map_err(|_| Unsure)?;
+        return Ok(inner == key.as_bytes());
+    }
+    let decoded: String = serde_json::from_slice(quoted).map_err(|_| Unsure)?;
+    Ok(decoded == key)
+}
+
+/// From just after an opening quote to just after the closing one.
+fn skip_string(json: &[u8], mut pos: usize) -> Result<usize, Unsure> {
+    loop {
+        let at = pos + memchr2(b'"', b'\\', json.get(pos..).ok_or(Unsure)?).ok_or(Unsure)?;
+        if json[at] == b'"' {
+            return Ok(at + 1);
+        }
+        pos = match json.get(at + 1) {
+            Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => at + 2,
+            Some(b'u') if is_hex4(json.get(at + 2..at + 6)) => at + 6,
+            _ => return Err(Unsure),
+        };
+    }
+}
+
+fn is_hex4(digits: Option<&[u8]>) -> bool {
+    digits.is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+}
+
+/// Skips one value starting at `pos` (no leading whitespace). Iterative: nesting depth costs a
+/// byte of heap per level, never stack.
+fn skip_value(json: &[u8], mut pos: usize) -> Result<usize, Unsure> {
+    // The closing bracket each open container waits for.
+    let mut open: Vec<u8> = Vec::new();
+    loop {
+        // A value.
+        match json.get(pos) {
+            Some(b'"') => pos = skip_string(json, pos + 1)?,
+            Some(b'{') => {
+                pos = skip_ws(json, pos + 1);
+                if json.get(pos) == Some(&b'}') {
+                    pos += 1;
+                } else {
+                    open.push(b'}');
+                    pos = skip_member_name(json, pos)?;
+                    continue;
+                }
+            }
+            Some(b'[') => {
+                pos = skip_ws(json, pos + 1);
+                if json.get(pos) == Some(&b']') {
+                    pos += 1;
+                } else {
+                    open.push(b']');
+                    continue;
+                }
+            }
+            Some(b't') => pos = skip_literal(json, pos, b"true")?,
+            Some(b'f') => pos = skip_literal(json, pos, b"false")?,
+            Some(b'n') => pos = skip_literal(json, pos, b"null")?,
+            Some(b'-' | b'0'..=b'9') => pos = skip_number(json, pos)?,
+            _ => return Err(Unsure),
+        }
+        // After a value: close what ends here, or move to the next element or member.
+        loop {
+            let Some(&closer) = open.last() else {
+                return Ok(pos);
+            };
+            pos = skip_ws(json, pos);
+            match json.get(pos) {
+                Some(b',') => {
+                    pos = skip_ws(json, pos + 1);
+                    if closer == b'}' {
+                        pos = skip_member_name(json, pos)?;
+                    }
+                    break;
+                }
+                Some(&byte) if byte == closer => {
+                    open.pop();
+                    pos += 1;
+                }
+                _ => return Err(Unsure),
+            }
+        }
+    }
+}
+
+/// `"name" :` and the whitespace before the value.
+fn skip_member_name(json: &[u8], pos: usize) -> Result<usize, Unsure> {
+    expect(json, pos, b'"')?;
+    let pos = skip_ws(json, skip_string(json, pos + 1)?);
+    expect(json, pos, b':')?;
+    Ok(skip_ws(json, pos + 1))
+}
+
+fn skip_literal(json: &[u8], pos: usize, literal: &[u8]) -> Result<usize, Unsure> {
+    if json.get(pos..pos + literal.len()) == Some(literal) {
+        Ok(pos + literal.len())
+    } else {
+        Err(Unsure)
+    }
+}
+
+/// A number as JSON spells it: `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`.
+fn skip_number(json: &[u8], mut pos: usize) -> Result<usize, Unsure> {
+    let digits = |json: &[u8], mut pos: usize| {
+        let start = pos;
+        while json.get(pos).is_some_and(u8::is_ascii_digit) {
+            pos += 1;
+        }
+        (pos, pos > start)
+    };
+    if json.get(pos) == Some(&b'-') {
+        pos += 1;
+    }
+    match json.get(pos) {
+        Some(b'0') => pos += 1,
+        Some(b'1'..=b'9') => pos = digits(json, pos).0,
+        _ => return Err(Unsure),
+    }
+    if json.get(pos) == Some(&b'.') {
+        let (end, any) = digits(json, pos + 1);
+        if !any {
+            return Err(Unsure);
+        }
+        pos = end;
+    }
+    if let Some(b'e' | b'E') = json.get(pos) {
+        pos += 1;
+        if let Some(b'+' | b'-') = json.get(pos) {
+            pos += 1;
+        }
+        let (end, any) = digits(json, pos);
+        if !any {
+            return Err(Unsure);
+        }
+        pos = end;
+    }
+    Ok(pos)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn find(json: &str) -> Result<Found, Unsure> {
+        find_key(json.as_bytes(), "model", false)
+    }
+
+    fn span_text(json: &str) -> Option<&str> {
+        match find(json) {
+            Ok(Found::Once(span)) => Some(&json[span]),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn finds_the_member_wherever_it_is() {
+        assert_eq!(span_text(r#"{"model":"m"}"#), Some(r#""m""#));
+        assert_eq!(
+            span_text(r#" { "messages" : [ {"role":"user","content":"say \"model\": \\"} ] , "model" : "m" } "#),
+            Some(r#""m""#)
+        );
+        assert_eq!(
+            span_text(r#"{"a":{"model":1},"model":[1,{"b":null}]}"#),
+            Some(r#"[1,{"b":null}]"#)
+        );
+        assert_eq!(span_text(r#"{"mod\u0065l":-1.5e+3}"#), Some("-1.5e+3"));
+        assert_eq!(find(r#"{"a":1}"#), Ok(Found::Absent));
+        assert_eq!(find("{}"), Ok(Found::Absent));
+        assert_eq!(find(r#"{"model":1,"mod\u0065l":2}"#), Ok(Found::Twice));
+        assert_eq!(
+            find_key(br#"{"model":1,"model":2}"#, "model", true),
+            Ok(Found::Once(9..10))
+        );
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_vouch_for() {
+        for bad in [
+            "",
+            "[]",
+            "\u{feff}{}",
+            r#"{"model":"m""#,
+            r#"{"model":"m",}"#,
+            r#"{"model":"m"} x"#,
+            r#"{"model" "m"}"#,
+            r#"{model:"m"}"#,
+            r#"{"a":[1,2}"#,
+            r#"{"a":[1,]}"#,
+            r#"{"a":{"b"}}"#,
+            r#"{"a":tru}"#,
+            r#"{"a":01}"#,
+            r#"{"a":1.}"#,
+            r#"{"a":-}"#,
+            r#"{"a":1e}"#,
+            r#"{"a":"\q"}"#,
+            r#"{"a":"\u12g4"}"#,
+            r#"{"a":"unterminated}"#,
+            r#"{"a":NaN}"#,
+        ] {
+            assert_eq!(find(bad), Err(Unsure), "{bad:?}");
+        }
+        assert_eq!(find_key(b"{\"\xff\":1}", "model", false), Err(Unsure));
+    }
+
+    #[test]
+    fn deep_nesting_is_skipped_without_recursion() {
+        let deep = format!("{{\"a\":{}{},\"model\":1}}", "[".repeat(200_000), "]".repeat(200_000));
+        assert_eq!(span_text(&deep), Some("1"));
+        let unbalanced = format!("{{\"a\":{}}}", "[".repeat(1000));
+        assert_eq!(find(&unbalanced), Err(Unsure));
+    }
+
+    #[test]
+    fn agrees_with_serde_json_on_valid_documents() {
+        let docs = [
+            r#"{"messages":[{"role":"system","content":"be \"brief\"\n"},{"role":"user","content":"h\u00e9llo \ud83d\ude00"}],"max_tokens":256,"temperature":0.7,"stream":false,"stop":null,"model":"llama"}"#,
+            r#"{"model":{"name":"x","tags":[]},"n":-0,"e":1E-2}"#,
+            "{\"model\"\t:\r\n\"a\\/b\"}",
+        ];
+        for doc in docs {
+            let value: serde_json::Value = serde_json::from_str(doc).unwrap();
+            let span = span_text(doc).unwrap();
+            assert_eq!(serde_json::from_str::<serde_json::Value>(span).unwrap(), value["model"]);
+        }
+    }
+}
