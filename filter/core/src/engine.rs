@@ -500,6 +500,15 @@ impl Stream {
         if self.active.len() != chain.processors.len() {
             return HeadersFlow::Continue; // no request headers were seen
         }
+        // Request-only chains (body routing) leave answers alone without reading a header.
+        let looks_at_response = chain
+            .processors
+            .iter()
+            .zip(&self.active)
+            .any(|(p, active)| *active && (p.response != PhaseNeed::Skip || p.stream.is_some()));
+        if !looks_at_response {
+            return HeadersFlow::Continue;
+        }
         let media = media_type(&host.header(Direction::Response, "content-type").unwrap_or_default());
         let event_stream = media == "text/event-stream";
         let json = media == "application/json" || media.ends_with("+json");

@@ -40,9 +40,9 @@ fn is_request(dir: Direction) -> bool {
 
 impl Host for EnvoyHost<'_> {
     fn header(&self, dir: Direction, name: &str) -> Option<String> {
-        self.filter
-            .header(is_request(dir), name)
-            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        self.filter.header(is_request(dir), name).map(|bytes| {
+            String::from_utf8(bytes).unwrap_or_else(|err| String::from_utf8_lossy(err.as_bytes()).into_owned())
+        })
     }
 
     fn set_header(&mut self, dir: Direction, name: &str, value: &str) {
