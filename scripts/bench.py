@@ -41,6 +41,10 @@ SIZES = {"1KiB": 1024, "16KiB": 16 * 1024, "256KiB": 256 * 1024, "1MiB": 1024 * 
 # latency shows the cost of a request, not queueing.
 RATES = {"1KiB": 1000, "16KiB": 1000, "256KiB": 200, "1MiB": 50}
 ROUTE_CHAIN = "processors:\n  - {name: route-by-model, type: body-field-to-header}\n"
+# The filter loaded with nothing to do on these requests (its one processor matches another
+# path): the fixed cost of having the filter at all ("noop_*" variants, client sends the header).
+NOOP_CHAIN = ("processors:\n  - {name: route-by-model, type: body-field-to-header, "
+              "match: {pathPrefixes: [/never]}}\n")
 # The guard chain of the guardrails issue: routing, then pii-guard (all recognizers, masking) and
 # prompt-guard (100 keywords, 20 regexes, the prompt-injection set) on the prompt.
 GUARD_KEYWORDS = ", ".join(f"'forbidden phrase {i}'" for i in range(100))
@@ -230,6 +234,8 @@ def variants():
         "ext_proc": ([ext_proc], [], False),
         "wasm": ([processor_filter("wasm", ROUTE_CHAIN)], [], False),
         "dynamic_module": ([processor_filter("dynamic-module", ROUTE_CHAIN)], [], False),
+        "noop_wasm": ([processor_filter("wasm", NOOP_CHAIN)], [], True),
+        "noop_dynamic_module": ([processor_filter("dynamic-module", NOOP_CHAIN)], [], True),
         "guards_wasm": ([processor_filter("wasm", GUARD_CHAIN)], [], False),
         "guards_dynamic_module": ([processor_filter("dynamic-module", GUARD_CHAIN)], [], False),
         "stream_plain": ([], [], True, STREAM_PATH),
@@ -328,6 +334,8 @@ def measure(name, spec, args, nginx, bodies, work):
                 non_2xx += bad + bad_open
                 errors += errs
                 requests_total += requests
+            if args.profile:
+                profile(envoy.proc.pid, url, body_path, send_header, args, work, f"{name}-{size_label}-{model_position}")
             row = {"variant": name, "size": size_label, "size_bytes": SIZES[size_label], "model": model_position,
                    "requests": requests_total, "non_2xx": non_2xx, "socket_errors": errors,
                    **{key: spread(values) for key, values in samples.items()}}
@@ -342,6 +350,25 @@ def measure(name, spec, args, nginx, bodies, work):
         if extproc:
             extproc.stop()
     return rows
+
+
+def profile(pid, url, body_path, send_header, args, work, label):
+    """perf (software CPU clock, call graphs) on Envoy during one more wrk run; prints the hottest
+    symbols (Envoy's binary is stripped, so its own code shows as addresses) and keeps the data
+    under target/profiles/."""
+    out_dir = ROOT / "target" / "profiles"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = out_dir / f"{label}.perf.data"
+    perf = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", "4999", "-g", "-o", str(data),
+                             "-p", str(pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    run_wrk(url, body_path, send_header, args.seconds, args.connections, work / "post.lua")
+    perf.send_signal(2)
+    perf.wait(timeout=60)
+    report = subprocess.run(["perf", "report", "-i", str(data), "--no-children", "--sort", "dso,symbol",
+                             "--stdio", "-g", "none", "--percent-limit", "0.7"], capture_output=True, text=True).stdout
+    (out_dir / f"{label}.txt").write_text(report)
+    print("\n".join(line for line in report.splitlines() if line and not line.startswith("#")), flush=True)
 
 
 def fmt_spread(s, digits=1):
@@ -404,6 +431,8 @@ def main():
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--out", default=str(RESULTS / "latest"), help="path prefix of .md/.json/.svg")
+    parser.add_argument("--profile", action="store_true",
+                        help="also record a perf profile of Envoy per variant and body (target/profiles/)")
     parser.add_argument("--render", metavar="JSON", help="only re-render the table and chart from a results JSON")
     args = parser.parse_args()
     if args.render:
