@@ -136,6 +136,12 @@ fn engine_path(c: &mut Criterion) {
             b.iter(|| memchr::memmem::find(black_box(&floor), b"\"model\""))
         });
         group.bench_function("floor/serde_parse", |b| b.iter(|| full_parse_model(black_box(&floor))));
+        // What every body reader pays before it looks: the copy out of the proxy's buffer.
+        group.bench_function("floor/copy", |b| b.iter(|| black_box(&floor).to_vec()));
+        // The lazy reader alone (the structural pass plus the value), model last.
+        group.bench_function("reader/find_model", |b| {
+            b.iter(|| payload_processor_core::json::find_member(black_box(&floor), "model").map(|raw| raw.is_some()))
+        });
         for (name, case) in cases(size) {
             case.check();
             // The host is built outside the measurement: Envoy already holds the request.

@@ -335,25 +335,15 @@ fn unquote(name: &str) -> String {
 /// The structural pass ([`scan`]) answers for well-formed bodies at close to `memchr` speed;
 /// whatever it cannot vouch for is decided (and its error worded) by serde_json.
 pub fn find_member<'a>(json: &'a [u8], key: &str) -> Result<Option<&'a RawValue>, JsonError> {
-    let span = match scan::find_key(json, key, true) {
+    // One pass over the whole object, even when the key comes first: a second occurrence
+    // further on (perhaps spelled with escapes) must be refused, and reading on costs about
+    // what searching the rest for the key and for escapes would.
+    let span = match scan::find_key(json, key) {
         Ok(scan::Found::Absent) => return Ok(None),
         Ok(scan::Found::Twice) => return Err(JsonError::DuplicateKey(key.to_string())),
         Ok(scan::Found::Once(span)) => span,
         Err(scan::Unsure) => return find_member_by_serde(json, key),
     };
-    // Found early, so the rest was not read. Only a second occurrence of the key could change
-    // the answer; it must be spelled either as the same quoted bytes or with an escape, so a
-    // memchr search of the rest rules it out in the common case and a full pass decides
-    // otherwise.
-    let rest = &json[span.end..];
-    let quoted = format!("\"{key}\"");
-    if memchr::memmem::find(rest, quoted.as_bytes()).is_some() || memchr::memmem::find(rest, b"\\u").is_some() {
-        match scan::find_key(json, key, false) {
-            Ok(scan::Found::Twice) => return Err(JsonError::DuplicateKey(key.to_string())),
-            Ok(_) => {}
-            Err(scan::Unsure) => return find_member_by_serde(json, key),
-        }
-    }
     // The value itself is checked in full (UTF-8, control characters) by serde_json.
     match serde_json::from_slice::<&RawValue>(&json[span]) {
         Ok(raw) => Ok(Some(raw)),
