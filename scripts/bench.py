@@ -92,6 +92,23 @@ end
 """
 
 
+# Envoy gets a core of its own; the load generators, nginx and the ext_proc server share the
+# other. Without this the scheduler moves them about and the CPU a request costs Envoy (cache
+# misses, migrations) swings by more than the differences being measured.
+ENVOY_CPU, LOAD_CPU = "1", "0"
+PIN = (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
+
+
+def pin(pid, cpu):
+    """Moves every thread of `pid` to `cpu`."""
+    if PIN:
+        subprocess.run(["taskset", "-a", "-cp", cpu, str(pid)], check=True, stdout=subprocess.DEVNULL)
+
+
+def on_load_cpu(args):
+    return (["taskset", "-c", LOAD_CPU] if PIN else []) + args
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -152,7 +169,7 @@ http {{
 }}
 """)
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        self.proc = subprocess.Popen([nginx, "-p", str(self.dir), "-c", str(self.dir / "nginx.conf")],
+        self.proc = subprocess.Popen(on_load_cpu([nginx, "-p", str(self.dir), "-c", str(self.dir / "nginx.conf")]),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         wait_port(self.port, self.proc, "nginx")
 
@@ -166,7 +183,7 @@ class ExtProcServer:
 
     def __init__(self):
         self.port = free_port()
-        self.proc = subprocess.Popen([str(BENCH_BIN / "bench-extproc-server"), f"127.0.0.1:{self.port}"],
+        self.proc = subprocess.Popen(on_load_cpu([str(BENCH_BIN / "bench-extproc-server"), f"127.0.0.1:{self.port}"]),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port, self.proc, "ext_proc server")
 
@@ -275,7 +292,7 @@ if header ~= nil and header ~= "" then wrk.headers["X-Gateway-Model-Name"] = hea
 
 def run_wrk(url, body_path, send_header, seconds, connections, script):
     env = dict(os.environ, BENCH_BODY=str(body_path), BENCH_MODEL_HEADER=MODEL if send_header else "")
-    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
+    out = subprocess.run(on_load_cpu(["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url]),
                          capture_output=True, text=True, env=env, timeout=seconds + 60).stdout
     requests = int(re.search(r"(\d+) requests in", out).group(1))
     non_2xx = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
@@ -291,7 +308,7 @@ def run_oha(url, body_path, send_header, seconds, rate):
             "-H", "content-type: application/json"]
     if send_header:
         args += ["-H", f"{HEADER}: {MODEL}"]
-    out = subprocess.run(args + [url], capture_output=True, text=True, timeout=seconds + 60)
+    out = subprocess.run(on_load_cpu(args + [url]), capture_output=True, text=True, timeout=seconds + 60)
     report = json.loads(out.stdout)
     percentiles = report["latencyPercentiles"]
     codes = report.get("statusCodeDistribution", {})
@@ -300,56 +317,91 @@ def run_oha(url, body_path, send_header, seconds, rate):
 
 
 def spread(values):
+    if not values:  # not measured (--no-latency)
+        return {"median": None, "min": None, "max": None}
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def measure(name, spec, args, nginx, bodies, work):
-    filters, extra_routes, send_header = spec[:3]
-    path = spec[3] if len(spec) > 3 else "/v1/chat/completions"
-    extproc = ExtProcServer() if name == "ext_proc" else None
-    config = json.dumps(envoy_config(filters, extra_routes, nginx.port, extproc.port if extproc else None))
-    config = config.replace("{{EPP_ENDPOINTS}}", ", ".join(f"'127.0.0.1:{port}'" for port in nginx.ports))
-    envoy = Envoy(config, log_level="warning").wait_ready()
+class Variant:
+    """One variant's Envoy (and ext_proc server), started once and kept up for the whole run."""
+
+    def __init__(self, name, spec, nginx):
+        filters, extra_routes, self.send_header = spec[:3]
+        path = spec[3] if len(spec) > 3 else "/v1/chat/completions"
+        self.name = name
+        self.extproc = ExtProcServer() if name == "ext_proc" else None
+        config = json.dumps(envoy_config(filters, extra_routes, nginx.port,
+                                         self.extproc.port if self.extproc else None))
+        config = config.replace("{{EPP_ENDPOINTS}}", ", ".join(f"'127.0.0.1:{port}'" for port in nginx.ports))
+        self.envoy = Envoy(config, log_level="warning").wait_ready()
+        pin(self.envoy.proc.pid, ENVOY_CPU)
+        self.url = self.envoy.url(path)
+
+    def stop(self):
+        self.envoy.stop()
+        if self.extproc:
+            self.extproc.stop()
+
+
+def measure(chosen, all_variants, args, nginx, bodies, work):
+    """Every variant's Envoy runs side by side (idle ones cost nothing); for each body, every
+    repeat visits each variant in turn, in a rotated order, so drift of this shared machine
+    lands on all variants alike instead of on whichever was measured last."""
+    running = []
     rows = []
     try:
-        url = envoy.url(path)
+        for name in chosen:
+            running.append(Variant(name, all_variants[name], nginx))
         for size_label, model_position, body_path in bodies:
-            # Warm-up: connections, the wasm VM, allocator pools.
-            run_wrk(url, body_path, send_header, 1, args.connections, work / "post.lua")
-            samples = {"rps": [], "envoy_cpu_us": [], "sidecar_cpu_us": [], "p50_ms": [], "p99_ms": []}
-            non_2xx = errors = requests_total = 0
-            for _ in range(args.repeats):
-                envoy_before = cpu_ns(envoy.proc.pid)
-                sidecar_before = cpu_ns(extproc.proc.pid) if extproc else 0
-                requests, rps, bad, errs = run_wrk(url, body_path, send_header, args.seconds, args.connections,
-                                                   work / "post.lua")
-                envoy_cpu = cpu_ns(envoy.proc.pid) - envoy_before
-                sidecar_cpu = (cpu_ns(extproc.proc.pid) - sidecar_before) if extproc else 0
-                samples["rps"].append(rps)
-                samples["envoy_cpu_us"].append(envoy_cpu / 1e3 / max(requests, 1))
-                samples["sidecar_cpu_us"].append(sidecar_cpu / 1e3 / max(requests, 1))
-                p50, p99, bad_open = run_oha(url, body_path, send_header, args.seconds, RATES[size_label])
-                samples["p50_ms"].append(p50)
-                samples["p99_ms"].append(p99)
-                non_2xx += bad + bad_open
-                errors += errs
-                requests_total += requests
-            if args.profile:
-                profile(envoy.proc.pid, url, body_path, send_header, args, work, f"{name}-{size_label}-{model_position}")
-            row = {"variant": name, "size": size_label, "size_bytes": SIZES[size_label], "model": model_position,
-                   "requests": requests_total, "non_2xx": non_2xx, "socket_errors": errors,
-                   **{key: spread(values) for key, values in samples.items()}}
-            row["total_cpu_us"] = row["envoy_cpu_us"]["median"] + row["sidecar_cpu_us"]["median"]
-            rows.append(row)
-            print(f"  {name:16} {size_label:>6} model {model_position:5} {row['rps']['median']:9.0f} req/s  "
-                  f"envoy {row['envoy_cpu_us']['median']:8.1f} µs  sidecar {row['sidecar_cpu_us']['median']:7.1f} µs  "
-                  f"p50 {row['p50_ms']['median']:6.2f} ms  p99 {row['p99_ms']['median']:6.2f} ms  non-2xx {non_2xx}",
-                  flush=True)
+            samples = {v.name: {"rps": [], "envoy_cpu_us": [], "sidecar_cpu_us": [], "p50_ms": [], "p99_ms": [],
+                                "non_2xx": 0, "errors": 0, "requests": 0} for v in running}
+            for variant in running:
+                # Warm-up: connections, the wasm VM, allocator pools.
+                run_wrk(variant.url, body_path, variant.send_header, 1, args.connections, work / "post.lua")
+            for repeat in range(args.repeats):
+                shift = repeat % len(running)
+                for variant in running[shift:] + running[:shift]:
+                    sample = samples[variant.name]
+                    envoy_before = cpu_ns(variant.envoy.proc.pid)
+                    sidecar_before = cpu_ns(variant.extproc.proc.pid) if variant.extproc else 0
+                    requests, rps, bad, errs = run_wrk(variant.url, body_path, variant.send_header, args.seconds,
+                                                       args.connections, work / "post.lua")
+                    envoy_cpu = cpu_ns(variant.envoy.proc.pid) - envoy_before
+                    sidecar_cpu = (cpu_ns(variant.extproc.proc.pid) - sidecar_before) if variant.extproc else 0
+                    sample["rps"].append(rps)
+                    sample["envoy_cpu_us"].append(envoy_cpu / 1e3 / max(requests, 1))
+                    sample["sidecar_cpu_us"].append(sidecar_cpu / 1e3 / max(requests, 1))
+                    if not args.no_latency:
+                        p50, p99, bad_open = run_oha(variant.url, body_path, variant.send_header, args.seconds,
+                                                     RATES[size_label])
+                        sample["p50_ms"].append(p50)
+                        sample["p99_ms"].append(p99)
+                        bad += bad_open
+                    sample["non_2xx"] += bad
+                    sample["errors"] += errs
+                    sample["requests"] += requests
+            for variant in running:
+                sample = samples[variant.name]
+                if args.profile:
+                    profile(variant.envoy.proc.pid, variant.url, body_path, variant.send_header, args, work,
+                            f"{variant.name}-{size_label}-{model_position}")
+                row = {"variant": variant.name, "size": size_label, "size_bytes": SIZES[size_label],
+                       "model": model_position, "requests": sample["requests"], "non_2xx": sample["non_2xx"],
+                       "socket_errors": sample["errors"],
+                       **{key: spread(sample[key])
+                          for key in ("rps", "envoy_cpu_us", "sidecar_cpu_us", "p50_ms", "p99_ms")}}
+                row["total_cpu_us"] = row["envoy_cpu_us"]["median"] + row["sidecar_cpu_us"]["median"]
+                rows.append(row)
+                print(f"  {variant.name:28} {size_label:>6} model {model_position:5} {row['rps']['median']:9.0f} req/s  "
+                      f"envoy {row['envoy_cpu_us']['median']:8.1f} µs  sidecar {row['sidecar_cpu_us']['median']:7.1f} µs  "
+                      f"p50 {fmt_median(row['p50_ms'])} ms  p99 {fmt_median(row['p99_ms'])} ms  "
+                      f"non-2xx {sample['non_2xx']}", flush=True)
     finally:
-        envoy.stop()
-        if extproc:
-            extproc.stop()
-    return rows
+        for variant in running:
+            variant.stop()
+    # Rows grouped by variant, in the order chosen, as the table reads.
+    order = {name: i for i, name in enumerate(chosen)}
+    return sorted(rows, key=lambda r: order[r["variant"]])
 
 
 def profile(pid, url, body_path, send_header, args, work, label):
@@ -371,7 +423,13 @@ def profile(pid, url, body_path, send_header, args, work, label):
     print("\n".join(line for line in report.splitlines() if line and not line.startswith("#")), flush=True)
 
 
+def fmt_median(s):
+    return "–" if s["median"] is None else f"{s['median']:6.2f}"
+
+
 def fmt_spread(s, digits=1):
+    if s["median"] is None:
+        return "–"
     return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
 
 
@@ -431,6 +489,8 @@ def main():
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--out", default=str(RESULTS / "latest"), help="path prefix of .md/.json/.svg")
+    parser.add_argument("--no-latency", action="store_true",
+                        help="skip the open-loop latency runs (CPU and req/s only; faster)")
     parser.add_argument("--profile", action="store_true",
                         help="also record a perf profile of Envoy per variant and body (target/profiles/)")
     parser.add_argument("--render", metavar="JSON", help="only re-render the table and chart from a results JSON")
@@ -456,11 +516,8 @@ def main():
     nginx = Nginx(STREAM_LOCATION + EPP_LOCATION, extra_ports=EPP_PORTS - 1)
     all_variants = variants()
     chosen = args.variants.split(",") if args.variants else list(all_variants)
-    rows = []
     try:
-        for name in chosen:
-            print(f"{name}:", flush=True)
-            rows += measure(name, all_variants[name], args, nginx, bodies, work)
+        rows = measure(chosen, all_variants, args, nginx, bodies, work)
     finally:
         nginx.stop()
     version_text = subprocess.run([str(ROOT / ".venv" / "bin" / "envoy"), "--version"], capture_output=True,
