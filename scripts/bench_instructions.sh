@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Instructions Envoy executes per request, per variant and body, under valgrind's callgrind
+# (see scripts/bench_instructions.py): the deterministic companion of scripts/bench.sh.
+# Writes bench/results/instructions.md. About 10 minutes; not part of CI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+if ! command -v valgrind >/dev/null || ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q valgrind nginx >/dev/null
+fi
+scripts/build.sh >/dev/null
+.venv/bin/python scripts/bench_instructions.py "$@"
