@@ -441,7 +441,9 @@ def render(meta, rows):
     lines = [f"# {meta['title']}", "",
              f"{meta['date']} · {meta['machine']} · Envoy {meta['envoy']} `--concurrency 1` · nginx fixed reply · "
              f"wrk 1 thread, {meta['connections']} connections, {meta['seconds']} s × {meta['repeats']} repeats · "
-             "open-loop latency: oha with latency correction at the rate shown · medians (min–max)", "",
+             "open-loop latency: oha with latency correction at the rate shown · medians (min–max) · every "
+             "variant's Envoy up side by side, visited in rotated order each repeat, pinned to its own core "
+             "(load generators and upstreams on the other)", "",
              "Every body filter has to buffer, and buffering changes how Envoy reads and writes large bodies "
              "(at 256 KiB buffering alone is cheaper than streaming here), so CPU is also shown over **buffer**. "
              "The `stream_*` variants get a streamed answer (14 events, usage last) and compare with "
