@@ -41,12 +41,8 @@ pub(crate) fn find_key(json: &[u8], key: &str) -> Result<Found, Unsure> {
         pos += 1;
     } else {
         loop {
-            expect(json, pos, b'"')?;
-            let key_end = skip_string(json, pos + 1)?;
-            let is_key = key_equals(&json[pos..key_end], key)?;
-            pos = skip_ws(json, key_end);
-            expect(json, pos, b':')?;
-            let value_start = skip_ws(json, pos + 1);
+            let (name_end, value_start) = member_name(json, pos)?;
+            let is_key = key_equals(&json[pos..name_end], key)?;
             pos = skip_value(json, value_start)?;
             if is_key {
                 if found.is_some() {
@@ -122,22 +118,16 @@ fn skip_value(json: &[u8], mut pos: usize) -> Result<usize, Unsure> {
         // A value.
         match json.get(pos) {
             Some(b'"') => pos = skip_string(json, pos + 1)?,
-            Some(b'{') => {
+            Some(&opener @ (b'{' | b'[')) => {
+                let closer = if opener == b'{' { b'}' } else { b']' };
                 pos = skip_ws(json, pos + 1);
-                if json.get(pos) == Some(&b'}') {
+                if json.get(pos) == Some(&closer) {
                     pos += 1;
                 } else {
-                    open.push(b'}');
-                    pos = skip_member_name(json, pos)?;
-                    continue;
-                }
-            }
-            Some(b'[') => {
-                pos = skip_ws(json, pos + 1);
-                if json.get(pos) == Some(&b']') {
-                    pos += 1;
-                } else {
-                    open.push(b']');
+                    open.push(closer);
+                    if closer == b'}' {
+                        pos = member_name(json, pos)?.1;
+                    }
                     continue;
                 }
             }
@@ -157,7 +147,7 @@ fn skip_value(json: &[u8], mut pos: usize) -> Result<usize, Unsure> {
                 Some(b',') => {
                     pos = skip_ws(json, pos + 1);
                     if closer == b'}' {
-                        pos = skip_member_name(json, pos)?;
+                        pos = member_name(json, pos)?.1;
                     }
                     break;
                 }
@@ -171,12 +161,14 @@ fn skip_value(json: &[u8], mut pos: usize) -> Result<usize, Unsure> {
     }
 }
 
-/// `"name" :` and the whitespace before the value.
-fn skip_member_name(json: &[u8], pos: usize) -> Result<usize, Unsure> {
+/// `"name" :` and the whitespace before the value: where the quoted name ends and the value
+/// starts.
+fn member_name(json: &[u8], pos: usize) -> Result<(usize, usize), Unsure> {
     expect(json, pos, b'"')?;
-    let pos = skip_ws(json, skip_string(json, pos + 1)?);
-    expect(json, pos, b':')?;
-    Ok(skip_ws(json, pos + 1))
+    let name_end = skip_string(json, pos + 1)?;
+    let colon = skip_ws(json, name_end);
+    expect(json, colon, b':')?;
+    Ok((name_end, skip_ws(json, colon + 1)))
 }
 
 fn skip_literal(json: &[u8], pos: usize, literal: &[u8]) -> Result<usize, Unsure> {
