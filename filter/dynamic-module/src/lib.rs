@@ -34,6 +34,27 @@ use std::time::Duration;
 #[cfg(feature = "builtin-exports")]
 export_envoy_dynamic_module!(payload_processor_plugins::builtin_registry);
 
+/// The Envoy release line the module was loaded into (detected at program init from the
+/// callbacks Envoy exports). Everything works on each; what a line lacks is listed here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnvoyAbi {
+    /// Envoy 1.38.x (ABI `v0.1.0`): no config-level counters or gauges, so the metrics that
+    /// background work records (the endpoint picker's scrapes and pool gauges) are not
+    /// reported. Per-request metrics work.
+    V1_38,
+    /// Envoy 1.39.x (ABI `v0.1.0`).
+    V1_39,
+    /// Envoy 1.40.x (ABI `v0.2.0`).
+    V1_40,
+}
+
+static ENVOY_ABI: std::sync::OnceLock<EnvoyAbi> = std::sync::OnceLock::new();
+
+/// The Envoy line detected at program init (`None` before it, e.g. in unit tests).
+pub fn envoy_abi() -> Option<EnvoyAbi> {
+    ENVOY_ABI.get().copied()
+}
+
 /// One loaded filter configuration: the compiled chain and Envoy's ids for its metrics.
 pub struct ModuleConfig {
     chain: Arc<Chain>,
@@ -109,6 +130,13 @@ impl ModuleConfig {
                 log::info!("payload-processor {name}: loaded chain [{}]", names.join(", "));
                 let ticker = match chain.tick_interval() {
                     Some(interval) => {
+                        if envoy_abi() == Some(EnvoyAbi::V1_38) {
+                            log::warn!(
+                                "payload-processor {name}: Envoy 1.38 has no config-level metrics: the counters \
+                                 and gauges of background work (metric scrapes, pool state) are not reported; \
+                                 Envoy 1.39 or later reports them"
+                            );
+                        }
                         let Some(ticker) = handle
                             .new_scheduler()
                             .and_then(|scheduler| Ticker::start(scheduler, interval.max(Duration::from_millis(1))))
