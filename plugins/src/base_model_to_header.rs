@@ -12,7 +12,9 @@
 
 use crate::body_field_to_header::validate_header_name;
 use crate::{field_as_text, field_path};
-use payload_processor_core::{BuildContext, ConfigError, Context, Decision, FieldPath, PhaseNeed, Plugin, PluginError};
+use payload_processor_core::{
+    BuildContext, ConfigError, Context, Decision, FieldPath, PhaseNeed, Plugin, PluginError, RequestEdits,
+};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -73,6 +75,10 @@ pub fn build(parameters: &serde_json::Value, ctx: &mut BuildContext) -> Result<A
 }
 
 impl Plugin for BaseModelToHeader {
+    fn request_edits(&self) -> RequestEdits {
+        RequestEdits::HEADERS
+    }
+
     fn request_need(&self) -> PhaseNeed {
         PhaseNeed::Body
     }

@@ -14,6 +14,7 @@
 use crate::{field_as_text, field_path};
 use payload_processor_core::{
     BuildContext, ConfigError, Context, Counter, Decision, FieldPath, LocalReply, PhaseNeed, Plugin, PluginError,
+    RequestEdits,
 };
 use serde::Deserialize;
 use std::sync::Arc;
@@ -78,6 +79,10 @@ pub(crate) fn validate_header_name(name: &str, at: &str) -> Result<(), ConfigErr
 }
 
 impl Plugin for BodyFieldToHeader {
+    fn request_edits(&self) -> RequestEdits {
+        RequestEdits::HEADERS
+    }
+
     fn request_need(&self) -> PhaseNeed {
         PhaseNeed::Body
     }

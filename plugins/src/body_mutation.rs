@@ -25,7 +25,7 @@ use crate::body_field_to_header::validate_header_name;
 use crate::{field_as_text, field_path};
 use payload_processor_core::{
     BuildContext, ConfigError, Context, Counter, Decision, FieldPath, JsonError, PhaseNeed, Plugin, PluginError,
-    WritePath,
+    RequestEdits, WritePath,
 };
 use serde::Deserialize;
 use serde_json::{Number, Value};
@@ -394,6 +394,13 @@ impl BodyMutation {
 }
 
 impl Plugin for BodyMutation {
+    fn request_edits(&self) -> RequestEdits {
+        RequestEdits {
+            headers: !self.headers.is_empty(),
+            body: !self.steps.is_empty(),
+        }
+    }
+
     fn request_need(&self) -> PhaseNeed {
         let reads_body =
             !self.steps.is_empty() || self.headers.iter().any(|h| matches!(h, HeaderStep::FromBody { .. }));

@@ -22,7 +22,7 @@
 use hmac::{Hmac, Mac};
 use payload_processor_core::{
     Api, BuildContext, ConfigError, Context, Counter, Decision, Direction, EventDecision, LocalReply, PhaseNeed,
-    Plugin, PluginError, SelectPath, SseEvent, StreamNeed,
+    Plugin, PluginError, RequestEdits, SelectPath, SseEvent, StreamNeed,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -964,6 +964,11 @@ pub(crate) fn guard_counters(ctx: &mut BuildContext) -> GuardCounters {
 }
 
 impl<D: Detector> Plugin for Guard<D> {
+    // Masking edits the body; findings are reported on the response only.
+    fn request_edits(&self) -> RequestEdits {
+        RequestEdits::BODY
+    }
+
     fn request_need(&self) -> PhaseNeed {
         if self.options.direction.request() {
             PhaseNeed::Body

@@ -20,7 +20,7 @@
 
 use crate::body_field_to_header::validate_header_name;
 use payload_processor_core::{
-    BuildContext, ConfigError, Context, Counter, Decision, LocalReply, PhaseNeed, Plugin, PluginError,
+    BuildContext, ConfigError, Context, Counter, Decision, LocalReply, PhaseNeed, Plugin, PluginError, RequestEdits,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -131,6 +131,10 @@ impl McpRouter {
 }
 
 impl Plugin for McpRouter {
+    fn request_edits(&self) -> RequestEdits {
+        RequestEdits::HEADERS
+    }
+
     fn request_need(&self) -> PhaseNeed {
         PhaseNeed::Body
     }

@@ -14,7 +14,7 @@
 //! into `messages`. A body without a `messages` list is left alone (counted `not_chat`).
 
 use payload_processor_core::{
-    Api, BuildContext, ConfigError, Context, Counter, Decision, PhaseNeed, Plugin, PluginError,
+    Api, BuildContext, ConfigError, Context, Counter, Decision, PhaseNeed, Plugin, PluginError, RequestEdits,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -133,6 +133,10 @@ fn extend_system(doc: &mut Value, before: &[String], after: &[String]) {
 }
 
 impl Plugin for PromptDecorator {
+    fn request_edits(&self) -> RequestEdits {
+        RequestEdits::BODY
+    }
+
     fn request_need(&self) -> PhaseNeed {
         PhaseNeed::Body
     }

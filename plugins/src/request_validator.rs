@@ -19,7 +19,7 @@
 
 use crate::field_path;
 use payload_processor_core::{
-    BuildContext, ConfigError, Context, Decision, FieldPath, LocalReply, PhaseNeed, Plugin, PluginError,
+    BuildContext, ConfigError, Context, Decision, FieldPath, LocalReply, PhaseNeed, Plugin, PluginError, RequestEdits,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -196,6 +196,10 @@ impl RequestValidator {
 }
 
 impl Plugin for RequestValidator {
+    fn request_edits(&self) -> RequestEdits {
+        RequestEdits::NONE
+    }
+
     fn request_need(&self) -> PhaseNeed {
         PhaseNeed::Body
     }

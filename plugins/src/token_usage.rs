@@ -33,7 +33,7 @@
 use crate::body_field_to_header::validate_header_name;
 use payload_processor_core::{
     Api, BuildContext, ConfigError, Context, Counter, Decision, EventDecision, FieldPath, PhaseNeed, Plugin,
-    PluginError, SseEvent, StreamNeed,
+    PluginError, RequestEdits, SseEvent, StreamNeed,
 };
 use serde::Deserialize;
 use serde_json::Value;
@@ -258,6 +258,10 @@ impl TokenUsage {
 }
 
 impl Plugin for TokenUsage {
+    fn request_edits(&self) -> RequestEdits {
+        RequestEdits::BODY
+    }
+
     fn request_need(&self) -> PhaseNeed {
         if self.force_include_usage {
             PhaseNeed::Body

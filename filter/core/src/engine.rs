@@ -4,10 +4,12 @@ use crate::background::{BackgroundContext, BackgroundHost, CalloutError, Callout
 use crate::config::{FailureMode, FilterConfig, Limits};
 use crate::error::ConfigError;
 use crate::event_stream::{Api, EventStream};
-use crate::host::{Direction, Host, MetricId};
+use crate::host::{Direction, HeadersHold, Host, MetricId};
 use crate::json::Body;
 use crate::matcher::Matcher;
-use crate::plugin::{Context, Decision, EventDecision, LocalReply, PhaseNeed, Plugin, PluginError, StreamNeed};
+use crate::plugin::{
+    Context, Decision, EventDecision, LocalReply, PhaseNeed, Plugin, PluginError, RequestEdits, StreamNeed,
+};
 use crate::registry::{BuildContext, Registry};
 use crate::sse::SseEvent;
 use std::any::Any;
@@ -58,6 +60,8 @@ struct Processor {
     request: PhaseNeed,
     response: PhaseNeed,
     stream: Option<StreamNeed>,
+    /// What it may change in the request after reading the body.
+    edits: RequestEdits,
     metrics: ProcessorMetrics,
     counters: Vec<MetricId>,
     gauges: Vec<MetricId>,
@@ -69,6 +73,11 @@ impl Processor {
             Direction::Request => self.request,
             Direction::Response => self.response,
         }
+    }
+
+    /// Reads the request body and then changes routing: needs the request headers held.
+    fn steers_after_body(&self) -> bool {
+        self.request == PhaseNeed::Body && self.edits.headers
     }
 }
 
@@ -172,6 +181,7 @@ impl Chain {
                 request: plugin.request_need(),
                 response: plugin.response_need(),
                 stream: plugin.stream_need(),
+                edits: plugin.request_edits(),
                 plugin,
                 metrics: processor_metrics,
                 counters,
@@ -196,6 +206,20 @@ impl Chain {
     /// The configured body limits.
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    /// Whether a processor changes routing after reading the request body, so the request
+    /// headers must wait for the body (see [`HeadersHold`]).
+    pub fn steers_after_body(&self) -> bool {
+        self.processors.iter().any(Processor::steers_after_body)
+    }
+
+    /// The processors that change routing after reading the request body.
+    pub fn steering_processors(&self) -> impl Iterator<Item = &str> {
+        self.processors
+            .iter()
+            .filter(|p| p.steers_after_body())
+            .map(|p| p.name.as_str())
     }
 
     /// Processor names, in chain order.
@@ -326,6 +350,9 @@ pub struct Stream {
     /// The request path, kept when a streamed response may need it (its protocol); some
     /// hosts cannot read request headers any more once the response arrives.
     request_path: String,
+    /// The request headers went on before the body (the host could not hold them): the
+    /// header-stage processors already ran, and the body processors cannot change headers.
+    request_released: bool,
 }
 
 enum Failure {
@@ -418,6 +445,7 @@ impl Stream {
             states: Vec::new(),
             started_nanos: 0,
             request_path: String::new(),
+            request_released: false,
         }
     }
 
@@ -637,6 +665,16 @@ impl Stream {
                 }
                 host.raise_buffer_limit(self.limit(direction));
                 *self.state(direction) = PhaseState::Buffering;
+                if direction == Direction::Request {
+                    let steers = self.active_steering().next().is_some();
+                    match host.request_headers_hold() {
+                        HeadersHold::Available => {}
+                        // The adapter finds out whether the hold takes effect.
+                        HeadersHold::Unknown if steers => {}
+                        HeadersHold::Unknown => return self.release_request_headers(host, None),
+                        HeadersHold::Unavailable(fix) => return self.release_request_headers(host, Some(fix)),
+                    }
+                }
                 HeadersFlow::WaitForBody
             }
             // Header-only chains, and body chains when there is no body: run now on an empty body.
@@ -649,6 +687,77 @@ impl Stream {
                 }
             }
         }
+    }
+
+    /// Active processors that change routing after reading the request body.
+    fn active_steering(&self) -> impl Iterator<Item = usize> + '_ {
+        self.chain
+            .processors
+            .iter()
+            .enumerate()
+            .filter(|(index, p)| self.active[*index] && p.steers_after_body())
+            .map(|(index, _)| index)
+    }
+
+    /// The adapter found that the request headers it was asked to hold went on waiting for a
+    /// resume that no body callback would ever trigger (proxy-wasm without
+    /// `allow_on_headers_stop_iteration`). Call it while the headers are still paused: the
+    /// chain continues as [`HeadersHold::Unavailable`] prescribes. [`HeadersFlow::Continue`]
+    /// means resume the request; [`HeadersFlow::Stop`] means a local reply was sent.
+    pub fn on_request_headers_hold_failed(&mut self, host: &mut dyn Host, fix: &'static str) -> HeadersFlow {
+        if self.replied || self.request != PhaseState::Buffering || self.request_released {
+            return HeadersFlow::Continue;
+        }
+        self.release_request_headers(host, Some(fix))
+    }
+
+    /// Lets the request headers go before the body: processors that change routing after the
+    /// body follow their failure mode (fail-closed ones answer with an error saying how to fix
+    /// the host, `fix`), header-stage processors run now while the headers are still here, and
+    /// `content-length` goes when a body processor may change the body. The body processors
+    /// run at the end of the body as usual, with the headers already gone.
+    fn release_request_headers(&mut self, host: &mut dyn Host, fix: Option<&'static str>) -> HeadersFlow {
+        let chain = Arc::clone(&self.chain);
+        let steering: Vec<usize> = self.active_steering().collect();
+        for index in steering {
+            let processor = &chain.processors[index];
+            let fix = fix.unwrap_or("the proxy cannot hold the request headers while the body is read");
+            if processor.failure_mode == FailureMode::FailClosed {
+                let message = format!(
+                    "processor {} changes routing after reading the request body, but this filter cannot hold the \
+                     request headers until then: {fix}",
+                    processor.name
+                );
+                host.increment_counter(processor.metrics.errors, 1);
+                let reply = LocalReply::json_error(500, "headers_hold_unavailable", &message);
+                self.reply(
+                    host,
+                    &reply,
+                    &format!("payload_processor.{}.headers_hold_unavailable", processor.name),
+                );
+                return HeadersFlow::Stop;
+            }
+            log::debug!(
+                "processor {} skipped: it changes routing after the body and the headers cannot wait",
+                processor.name
+            );
+            host.increment_counter(processor.metrics.fail_open, 1);
+            self.active[index] = false;
+        }
+        self.request_released = true;
+        if !self.run(host, Direction::Request, Body::default(), true) {
+            return HeadersFlow::Stop;
+        }
+        let edits_body = chain
+            .processors
+            .iter()
+            .zip(&self.active)
+            .any(|(p, active)| *active && p.request == PhaseNeed::Body && p.edits.body);
+        if edits_body {
+            // The body may change length after the headers left: send it chunked.
+            host.remove_header(Direction::Request, "content-length");
+        }
+        HeadersFlow::Continue
     }
 
     fn on_body(&mut self, host: &mut dyn Host, direction: Direction, end_of_stream: bool) -> BodyFlow {
@@ -729,9 +838,15 @@ impl Stream {
     fn run(&mut self, host: &mut dyn Host, direction: Direction, mut body: Body, headers_stage: bool) -> bool {
         let chain = Arc::clone(&self.chain);
         let mut request_headers_changed = false;
+        // After an early release the header-stage processors already ran, and the headers
+        // are gone.
+        let headers_gone = direction == Direction::Request && self.request_released && !headers_stage;
         for (index, processor) in chain.processors.iter().enumerate() {
             let need = processor.need(direction);
-            if !self.mask(direction)[index] || need == PhaseNeed::Skip || (headers_stage && need != PhaseNeed::Headers)
+            if !self.mask(direction)[index]
+                || need == PhaseNeed::Skip
+                || (headers_stage && need != PhaseNeed::Headers)
+                || (headers_gone && need == PhaseNeed::Headers)
             {
                 continue;
             }
@@ -742,7 +857,7 @@ impl Stream {
                     direction,
                     body: &mut body,
                     request_headers_changed: Some(&mut request_headers_changed),
-                    headers_sent: false,
+                    headers_sent: headers_gone,
                     emitted: None,
                 },
                 |plugin, ctx| {
@@ -760,9 +875,11 @@ impl Stream {
         }
         if let Some(bytes) = body.take_changes() {
             host.replace_body(direction, &bytes);
-            host.set_header(direction, "content-length", &bytes.len().to_string());
+            if !headers_gone {
+                host.set_header(direction, "content-length", &bytes.len().to_string());
+            }
         }
-        if request_headers_changed {
+        if request_headers_changed && !headers_gone {
             host.clear_route_cache();
         }
         true

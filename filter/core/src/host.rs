@@ -27,6 +27,27 @@ impl Direction {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MetricId(pub usize);
 
+/// Whether the host can hold the request headers while the engine reads the request body.
+///
+/// Holding them is what lets a plugin change routing (set a header routes match, pick an
+/// endpoint) after reading the body. proxy-wasm in Envoy can only hold them when the filter is
+/// configured with `allow_on_headers_stop_iteration: true`, which some control planes (Envoy
+/// Gateway) never set; the proxy-wasm adapter finds out at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadersHold {
+    /// Headers can wait for the body.
+    Available,
+    /// Headers must go on before the body: chains that change routing after the body cannot
+    /// run (their processors follow their failure mode); the others read the body as it
+    /// follows the headers. The text says how to make holding available (logged, and put in
+    /// the error a fail-closed processor answers with).
+    Unavailable(&'static str),
+    /// Not known yet: the engine holds the headers only when a processor needs it, and the
+    /// adapter then finds out (and calls [`crate::Stream::on_request_headers_hold_failed`] if
+    /// the hold never took effect).
+    Unknown,
+}
+
 /// Per-stream operations the engine needs from the proxy.
 ///
 /// Header names are case-insensitive; `set_header` replaces every existing value, so a value
@@ -70,6 +91,10 @@ pub trait Host {
     /// string items of a list, or a string value split at commas; empty when absent.
     fn metadata_strings(&self, _namespace: &str, _key: &str) -> Vec<String> {
         Vec::new()
+    }
+    /// Whether request headers can wait for the request body (see [`HeadersHold`]).
+    fn request_headers_hold(&self) -> HeadersHold {
+        HeadersHold::Available
     }
     /// The upstream host the request went to (`ip:port`), once the response arrived.
     fn upstream_address(&self) -> Option<String> {

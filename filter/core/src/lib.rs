@@ -54,10 +54,11 @@ pub use config::{FailureMode, FilterConfig, Limits};
 pub use engine::{BodyFlow, Chain, HeadersFlow, MetricDef, MetricKind, Stream};
 pub use error::ConfigError;
 pub use event_stream::Api;
-pub use host::{Direction, Host, MetricId};
+pub use host::{Direction, HeadersHold, Host, MetricId};
 pub use json::{Body, FieldPath, JsonError, SelectPath, Step, WritePath};
 pub use plugin::{
-    Context, Counter, Decision, EventDecision, Gauge, LocalReply, PhaseNeed, Plugin, PluginError, StreamNeed,
+    Context, Counter, Decision, EventDecision, Gauge, LocalReply, PhaseNeed, Plugin, PluginError, RequestEdits,
+    StreamNeed,
 };
 pub use registry::{BuildContext, BuildFn, PluginFactory, Registry, RegistryError};
 pub use sse::SseEvent;

@@ -19,6 +19,44 @@ pub enum PhaseNeed {
     Body,
 }
 
+/// What a plugin may change in the request once it has read the request body.
+///
+/// The engine uses it when the host must let the request headers go before the body (see
+/// [`crate::HeadersHold`]): a plugin that changes headers (routing) after the body cannot run
+/// then and follows its failure mode; a plugin that changes the body makes the engine drop
+/// `content-length` from the early headers, so the changed body goes upstream chunked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestEdits {
+    /// May set or remove request headers, or otherwise steer routing (endpoint, metadata the
+    /// load balancer reads).
+    pub headers: bool,
+    /// May change the request body.
+    pub body: bool,
+}
+
+impl RequestEdits {
+    /// Reads only.
+    pub const NONE: Self = Self {
+        headers: false,
+        body: false,
+    };
+    /// Changes headers (routing) only.
+    pub const HEADERS: Self = Self {
+        headers: true,
+        body: false,
+    };
+    /// Changes the body only.
+    pub const BODY: Self = Self {
+        headers: false,
+        body: true,
+    };
+    /// May change both (the default for plugins that do not say).
+    pub const ALL: Self = Self {
+        headers: true,
+        body: true,
+    };
+}
+
 /// What a plugin needs of a streamed (`text/event-stream`) response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct StreamNeed {
@@ -131,6 +169,11 @@ pub trait Plugin: Send + Sync {
     fn response_need(&self) -> PhaseNeed {
         PhaseNeed::Skip
     }
+    /// What the plugin may change in the request after reading its body. The default, both,
+    /// is the safe answer for a plugin that does not say.
+    fn request_edits(&self) -> RequestEdits {
+        RequestEdits::ALL
+    }
     /// Runs on the request (at headers or at end of body, per [`Plugin::request_need`]).
     fn on_request(&self, _ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
         Ok(Decision::Continue)
@@ -204,7 +247,10 @@ impl Context<'_> {
         if self.headers_sent {
             return Err(PluginError::internal(
                 "headers_sent",
-                format!("cannot set header {name}: the headers already went out"),
+                format!(
+                    "cannot set {} header {name}: the headers already went out",
+                    self.direction.as_str()
+                ),
             ));
         }
         if let Some(bad) = value.bytes().find(|b| (*b < 0x20 && *b != b'\t') || *b == 0x7f) {

@@ -1,7 +1,7 @@
 //! A state-based fake host for unit tests of the engine and of plugins.
 
 use crate::background::{BackgroundHost, CalloutError, CalloutRequest};
-use crate::host::{Direction, Host, MetricId};
+use crate::host::{Direction, HeadersHold, Host, MetricId};
 use std::collections::BTreeMap;
 
 /// A local reply the engine sent.
@@ -61,6 +61,8 @@ pub struct FakeHost {
     pub upstream: Option<String>,
     /// The endpoint passed to `set_original_destination`.
     pub original_destination: Option<String>,
+    /// What `request_headers_hold` answers (`None`: available).
+    pub headers_hold: Option<HeadersHold>,
 }
 
 impl FakeHost {
@@ -121,6 +123,9 @@ fn metric_index(chain: &crate::Chain, name: &str) -> usize {
 }
 
 impl Host for FakeHost {
+    fn request_headers_hold(&self) -> HeadersHold {
+        self.headers_hold.unwrap_or(HeadersHold::Available)
+    }
     fn header(&self, dir: Direction, name: &str) -> Option<String> {
         self.map(dir)
             .iter()

@@ -1,6 +1,6 @@
 //! [`Host`] over proxy-wasm host calls.
 
-use payload_processor_core::{BackgroundHost, CalloutError, CalloutRequest, Direction, Host, MetricId};
+use payload_processor_core::{BackgroundHost, CalloutError, CalloutRequest, Direction, HeadersHold, Host, MetricId};
 use prost::Message;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::Context;
@@ -16,6 +16,8 @@ pub(crate) struct WasmHost<'a> {
     /// so request headers read from a response callback come from the `request.headers`
     /// attribute, and writes to the other direction's headers are not attempted.
     phase: Direction,
+    /// What the engine is told about holding request headers.
+    hold: HeadersHold,
 }
 
 impl<'a> WasmHost<'a> {
@@ -24,7 +26,13 @@ impl<'a> WasmHost<'a> {
             metric_ids,
             body_size,
             phase,
+            hold: HeadersHold::Available,
         }
+    }
+
+    pub(crate) fn with_hold(mut self, hold: HeadersHold) -> Self {
+        self.hold = hold;
+        self
     }
 }
 
@@ -95,6 +103,10 @@ impl Host for WasmHost<'_> {
 
     fn replace_body(&mut self, dir: Direction, body: &[u8]) {
         let _ = hostcalls::set_buffer(body_buffer(dir == Direction::Request), 0, self.body_size, body);
+    }
+
+    fn request_headers_hold(&self) -> HeadersHold {
+        self.hold
     }
 
     fn clear_route_cache(&mut self) {

@@ -22,17 +22,21 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod headers_hold;
 mod host;
 
 pub use payload_processor_core::Registry;
 #[doc(hidden)]
 pub use proxy_wasm;
 
+use headers_hold::HeadersHoldTracker;
 use host::{WasmBackgroundHost, WasmHost};
-use payload_processor_core::{BodyFlow, Chain, HeadersFlow, MetricKind, Stream};
+use payload_processor_core::{BodyFlow, Chain, HeadersFlow, HeadersHold, MetricKind, Stream};
 use payload_processor_core::{CalloutResponse, Direction};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::Arc;
 
 #[cfg(feature = "builtin-exports")]
@@ -73,6 +77,11 @@ struct Loaded {
     chain: Arc<Chain>,
     metric_ids: Arc<[Option<u32>]>,
     memory_gauge: Option<u32>,
+    headers_hold: Rc<HeadersHoldTracker>,
+    /// The chain's own background interval, and when it is next due (the tick may run more
+    /// often while paused requests are watched).
+    chain_tick: Option<std::time::Duration>,
+    next_chain_tick_nanos: u64,
 }
 
 struct Root {
@@ -132,16 +141,23 @@ impl RootContext for Root {
                 log::info!("payload-processor: loaded chain [{}]", names.join(", "));
                 let memory_gauge =
                     proxy_wasm::hostcalls::define_metric(MetricType::Gauge, "payload_processor.wasm_memory_bytes").ok();
-                // Background work (metric scrapes) runs on this VM's tick; plugins coordinate
-                // the VMs through shared data.
-                if let Some(interval) = chain.tick_interval() {
-                    self.set_tick_period(interval.max(std::time::Duration::from_millis(1)));
-                }
+                let plugin_name = self
+                    .get_property(vec!["plugin_name"])
+                    .map(|name| String::from_utf8_lossy(&name).into_owned())
+                    .unwrap_or_default();
+                let headers_hold = Rc::new(HeadersHoldTracker::new(&plugin_name, chain.steers_after_body()));
+                let chain_tick = chain
+                    .tick_interval()
+                    .map(|i| i.max(std::time::Duration::from_millis(1)));
                 self.loaded = Some(Loaded {
                     chain: Arc::new(chain),
                     metric_ids,
                     memory_gauge,
+                    headers_hold,
+                    chain_tick,
+                    next_chain_tick_nanos: 0,
                 });
+                self.schedule_ticks();
                 true
             }
             Err(err) => {
@@ -155,16 +171,44 @@ impl RootContext for Root {
         let Some(loaded) = &self.loaded else { return };
         let chain = Arc::clone(&loaded.chain);
         let metric_ids = Arc::clone(&loaded.metric_ids);
-        let mut host = WasmBackgroundHost::new(self, &metric_ids);
-        chain.on_tick(&mut host);
+        let headers_hold = Rc::clone(&loaded.headers_hold);
+        let (chain_tick, next_due) = (loaded.chain_tick, loaded.next_chain_tick_nanos);
+        let was_probing = headers_hold.probing();
+        if was_probing {
+            let steering: Vec<&str> = chain.steering_processors().collect();
+            headers_hold.check(&steering.join(", "), &metric_ids);
+        }
+        // Background work (metric scrapes) runs on this VM's tick, at the chain's interval;
+        // plugins coordinate the VMs through shared data.
+        if let Some(interval) = chain_tick {
+            let now = self
+                .get_current_time()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            let now = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
+            // Ticks come at the chain's own interval unless paused requests are watched.
+            if !was_probing || now >= next_due {
+                if let Some(loaded) = &mut self.loaded {
+                    loaded.next_chain_tick_nanos = now.saturating_add(u64::try_from(interval.as_nanos()).unwrap_or(0));
+                }
+                let mut host = WasmBackgroundHost::new(self, &metric_ids);
+                chain.on_tick(&mut host);
+            }
+        }
+        if was_probing && !headers_hold.probing() {
+            self.schedule_ticks();
+        }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let loaded = self.loaded.as_ref()?;
         Some(Box::new(Filter {
-            stream: Stream::new(Arc::clone(&loaded.chain)),
+            context_id,
+            stream: Rc::new(RefCell::new(Stream::new(Arc::clone(&loaded.chain)))),
             metric_ids: Arc::clone(&loaded.metric_ids),
             memory_gauge: loaded.memory_gauge,
+            headers_hold: Rc::clone(&loaded.headers_hold),
+            watched: false,
         }))
     }
 
@@ -173,10 +217,37 @@ impl RootContext for Root {
     }
 }
 
+impl Root {
+    /// Ticks at the chain's background interval, faster while paused requests are watched to
+    /// learn whether Envoy holds request headers (see `headers_hold`), not at all otherwise.
+    fn schedule_ticks(&self) {
+        let Some(loaded) = &self.loaded else { return };
+        let probe = loaded.headers_hold.probing().then_some(headers_hold::PROBE_INTERVAL);
+        let period = match (loaded.chain_tick, probe) {
+            (Some(chain), Some(probe)) => chain.min(probe),
+            (chain, probe) => chain.or(probe).unwrap_or_default(),
+        };
+        self.set_tick_period(period);
+    }
+}
+
 struct Filter {
-    stream: Stream,
+    context_id: u32,
+    /// Shared with the root context while the request is watched (see `headers_hold`).
+    stream: Rc<RefCell<Stream>>,
     metric_ids: Arc<[Option<u32>]>,
     memory_gauge: Option<u32>,
+    headers_hold: Rc<HeadersHoldTracker>,
+    /// Paused at request headers while it is unknown whether Envoy holds them.
+    watched: bool,
+}
+
+impl Drop for Filter {
+    fn drop(&mut self) {
+        if self.watched {
+            self.headers_hold.forget(self.context_id);
+        }
+    }
 }
 
 /// Reports this VM's linear memory as the gauge `payload_processor.wasm_memory_bytes` whenever
@@ -211,39 +282,56 @@ fn body_action(flow: BodyFlow) -> Action {
     }
 }
 
+impl Filter {
+    /// A request body callback: if this request was watched, Envoy does hold headers.
+    fn body_arrived(&mut self) {
+        if std::mem::take(&mut self.watched) {
+            self.headers_hold.body_arrived(self.context_id);
+        }
+    }
+}
+
 impl Context for Filter {}
 
 impl HttpContext for Filter {
     fn on_http_request_headers(&mut self, _count: usize, end_of_stream: bool) -> Action {
-        let mut host = WasmHost::new(&self.metric_ids, 0, Direction::Request);
-        headers_action(self.stream.on_request_headers(&mut host, end_of_stream))
+        let hold = self.headers_hold.hold();
+        let mut host = WasmHost::new(&self.metric_ids, 0, Direction::Request).with_hold(hold);
+        let flow = self.stream.borrow_mut().on_request_headers(&mut host, end_of_stream);
+        if flow == HeadersFlow::WaitForBody && hold == HeadersHold::Unknown {
+            self.headers_hold.watch(self.context_id, &self.stream);
+            self.watched = true;
+        }
+        headers_action(flow)
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        self.body_arrived();
         let mut host = WasmHost::new(&self.metric_ids, body_size, Direction::Request);
-        body_action(self.stream.on_request_body(&mut host, end_of_stream))
+        body_action(self.stream.borrow_mut().on_request_body(&mut host, end_of_stream))
     }
 
     fn on_http_request_trailers(&mut self, _count: usize) -> Action {
+        self.body_arrived();
         let size = host::buffered_size(true);
         let mut host = WasmHost::new(&self.metric_ids, size, Direction::Request);
-        body_action(self.stream.on_request_trailers(&mut host))
+        body_action(self.stream.borrow_mut().on_request_trailers(&mut host))
     }
 
     fn on_http_response_headers(&mut self, _count: usize, end_of_stream: bool) -> Action {
         let mut host = WasmHost::new(&self.metric_ids, 0, Direction::Response);
-        headers_action(self.stream.on_response_headers(&mut host, end_of_stream))
+        headers_action(self.stream.borrow_mut().on_response_headers(&mut host, end_of_stream))
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let mut host = WasmHost::new(&self.metric_ids, body_size, Direction::Response);
-        body_action(self.stream.on_response_body(&mut host, end_of_stream))
+        body_action(self.stream.borrow_mut().on_response_body(&mut host, end_of_stream))
     }
 
     fn on_http_response_trailers(&mut self, _count: usize) -> Action {
         let size = host::buffered_size(false);
         let mut host = WasmHost::new(&self.metric_ids, size, Direction::Response);
-        body_action(self.stream.on_response_trailers(&mut host))
+        body_action(self.stream.borrow_mut().on_response_trailers(&mut host))
     }
 
     fn on_log(&mut self) {

@@ -46,7 +46,7 @@ use payload_processor_core::config::deserialize_duration;
 use payload_processor_core::json::find_member;
 use payload_processor_core::{
     Background, BackgroundContext, BuildContext, CalloutError, CalloutRequest, CalloutResponse, ConfigError, Context,
-    Counter, Decision, Gauge, LocalReply, PhaseNeed, Plugin, PluginError,
+    Counter, Decision, Gauge, LocalReply, PhaseNeed, Plugin, PluginError, RequestEdits,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -707,6 +707,10 @@ impl EndpointPicker {
 }
 
 impl Plugin for EndpointPicker {
+    fn request_edits(&self) -> RequestEdits {
+        RequestEdits::HEADERS
+    }
+
     fn request_need(&self) -> PhaseNeed {
         if self.reads_body {
             PhaseNeed::Body
