@@ -7,8 +7,9 @@
 //! config, so it finds out from the first request that needs the hold:
 //!
 //! - the body callback arrives: the hold works, and every later request uses it;
-//! - the root context's tick sees that Envoy received body bytes for the paused request
-//!   (`request.total_size` grew) while no body callback came: the setting is missing. The
+//! - the root context's tick sees that Envoy holds body bytes of the paused request
+//!   (`request.total_size` above the headers' size) while no body callback came: the setting
+//!   is missing. The
 //!   tick then logs the fix once, and finishes the paused requests as the engine says
 //!   ([`Stream::on_request_headers_hold_failed`]: a clear error, or resumed without the
 //!   processors that needed the hold).
@@ -20,6 +21,7 @@
 use crate::host::WasmHost;
 use payload_processor_core::{Direction, HeadersFlow, HeadersHold, Stream};
 use proxy_wasm::hostcalls;
+use proxy_wasm::types::MapType;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
@@ -61,8 +63,6 @@ impl Known {
 struct Probe {
     context_id: u32,
     stream: Rc<RefCell<Stream>>,
-    /// `request.total_size` when the headers were paused.
-    received_at_pause: i64,
 }
 
 /// Per root context (one filter config in one VM).
@@ -110,7 +110,6 @@ impl HeadersHoldTracker {
         self.probes.borrow_mut().push(Probe {
             context_id,
             stream: Rc::clone(stream),
-            received_at_pause: received_bytes().unwrap_or(0),
         });
     }
 
@@ -144,7 +143,7 @@ impl HeadersHoldTracker {
         if self.known.get() == Known::Unknown {
             let stuck = self.probes.borrow().iter().any(|probe| {
                 hostcalls::set_effective_context(probe.context_id).is_ok()
-                    && received_bytes().is_some_and(|now| now > probe.received_at_pause)
+                    && body_bytes_in_envoy().is_some_and(|n| n > 0)
             });
             if stuck {
                 self.learn(Known::Missing);
@@ -178,8 +177,14 @@ impl HeadersHoldTracker {
     }
 }
 
-/// Bytes Envoy received for the current request so far (headers included).
-fn received_bytes() -> Option<i64> {
+/// Body bytes Envoy received for the current (paused) request: `request.total_size` counts
+/// the bytes received plus the headers' size, which is the sum of their names and values. Body
+/// bytes may have arrived before our headers callback (a filter ahead of us held the headers),
+/// so this is measured, not compared with an earlier reading.
+fn body_bytes_in_envoy() -> Option<i64> {
     let bytes = hostcalls::get_property(vec!["request", "total_size"]).ok().flatten()?;
-    Some(i64::from_le_bytes(bytes.get(..8)?.try_into().ok()?))
+    let total = i64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    let headers = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).ok()?;
+    let header_bytes: usize = headers.iter().map(|(name, value)| name.len() + value.len()).sum();
+    Some(total - i64::try_from(header_bytes).ok()?)
 }

@@ -1,6 +1,8 @@
 //! [`Host`] over proxy-wasm host calls.
 
-use payload_processor_core::{BackgroundHost, CalloutError, CalloutRequest, Direction, HeadersHold, Host, MetricId};
+use payload_processor_core::{
+    BackgroundHost, BodyFlow, CalloutError, CalloutRequest, Direction, HeadersHold, Host, MetricId,
+};
 use prost::Message;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::Context;
@@ -18,6 +20,44 @@ pub(crate) struct WasmHost<'a> {
     phase: Direction,
     /// What the engine is told about holding request headers.
     hold: HeadersHold,
+    /// Request body bytes taken out of Envoy in earlier callbacks (see [`RequestBody`]).
+    request_body: Option<&'a mut RequestBody>,
+}
+
+/// The request body as the filter holds it itself: each chunk is moved out of Envoy as it
+/// arrives, so Envoy buffers nothing for us. A proxy-wasm filter cannot raise Envoy's
+/// per-stream buffer limit (32 KiB on Envoy Gateway listeners), and a body buffered in Envoy
+/// above it is refused with Envoy's own 413, or stalls when a filter ahead of us held the
+/// headers while it arrived. Held here, the chain's `maxRequestBodyBytes` is the only limit,
+/// as in the dynamic module. At the end the whole body goes back into Envoy's buffer.
+#[derive(Default)]
+pub(crate) struct RequestBody {
+    taken: Vec<u8>,
+    /// The engine replaced the body in this callback (Envoy's buffer holds all of it).
+    replaced: bool,
+}
+
+impl RequestBody {
+    /// After a request body callback: while the engine buffers, this callback's bytes move out
+    /// of Envoy; when it lets the body go and did not put one back itself, the bytes taken
+    /// before return to Envoy's buffer ahead of the last chunk; after a local reply they go.
+    pub(crate) fn settle(&mut self, chunk_size: usize, flow: BodyFlow) {
+        let replaced = std::mem::take(&mut self.replaced);
+        match flow {
+            BodyFlow::Buffer if !replaced => {
+                if let Ok(Some(chunk)) = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, chunk_size) {
+                    self.taken.extend_from_slice(&chunk);
+                }
+                let _ = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, chunk_size, &[]);
+            }
+            BodyFlow::Continue if !self.taken.is_empty() && !replaced => {
+                let taken = std::mem::take(&mut self.taken);
+                let _ = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, 0, &taken);
+            }
+            BodyFlow::Stop => self.taken = Vec::new(),
+            _ => {}
+        }
+    }
 }
 
 impl<'a> WasmHost<'a> {
@@ -27,7 +67,14 @@ impl<'a> WasmHost<'a> {
             body_size,
             phase,
             hold: HeadersHold::Available,
+            request_body: None,
         }
+    }
+
+    /// Request body callbacks: earlier chunks are in `body`, not in Envoy.
+    pub(crate) fn with_request_body(mut self, body: &'a mut RequestBody) -> Self {
+        self.request_body = Some(body);
+        self
     }
 
     pub(crate) fn with_hold(mut self, hold: HeadersHold) -> Self {
@@ -90,19 +137,39 @@ impl Host for WasmHost<'_> {
         let _ = hostcalls::set_map_value(headers_map(dir), name, None);
     }
 
-    fn body_len(&self, _dir: Direction) -> u64 {
-        self.body_size as u64
+    fn body_len(&self, dir: Direction) -> u64 {
+        let taken = match (&self.request_body, dir) {
+            (Some(body), Direction::Request) => body.taken.len(),
+            _ => 0,
+        };
+        (taken + self.body_size) as u64
     }
 
     fn read_body(&mut self, dir: Direction) -> Vec<u8> {
-        hostcalls::get_buffer(body_buffer(dir == Direction::Request), 0, self.body_size)
+        let in_envoy = hostcalls::get_buffer(body_buffer(dir == Direction::Request), 0, self.body_size)
             .ok()
             .flatten()
-            .unwrap_or_default()
+            .unwrap_or_default();
+        match (&mut self.request_body, dir) {
+            (Some(body), Direction::Request) if !body.taken.is_empty() => {
+                // The whole body goes back into Envoy now (it goes upstream unless the chain
+                // replaces it), and the engine gets it once.
+                let mut whole = std::mem::take(&mut body.taken);
+                whole.extend_from_slice(&in_envoy);
+                let _ = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, self.body_size, &whole);
+                self.body_size = whole.len();
+                whole
+            }
+            _ => in_envoy,
+        }
     }
 
     fn replace_body(&mut self, dir: Direction, body: &[u8]) {
         let _ = hostcalls::set_buffer(body_buffer(dir == Direction::Request), 0, self.body_size, body);
+        if let (Some(request_body), Direction::Request) = (&mut self.request_body, dir) {
+            request_body.taken.clear();
+            request_body.replaced = true;
+        }
     }
 
     fn request_headers_hold(&self) -> HeadersHold {

@@ -209,6 +209,7 @@ impl RootContext for Root {
             memory_gauge: loaded.memory_gauge,
             headers_hold: Rc::clone(&loaded.headers_hold),
             watched: false,
+            request_body: host::RequestBody::default(),
         }))
     }
 
@@ -240,6 +241,8 @@ struct Filter {
     headers_hold: Rc<HeadersHoldTracker>,
     /// Paused at request headers while it is unknown whether Envoy holds them.
     watched: bool,
+    /// The request body taken out of Envoy while the chain buffers it.
+    request_body: host::RequestBody,
 }
 
 impl Drop for Filter {
@@ -307,15 +310,21 @@ impl HttpContext for Filter {
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         self.body_arrived();
-        let mut host = WasmHost::new(&self.metric_ids, body_size, Direction::Request);
-        body_action(self.stream.borrow_mut().on_request_body(&mut host, end_of_stream))
+        let mut host =
+            WasmHost::new(&self.metric_ids, body_size, Direction::Request).with_request_body(&mut self.request_body);
+        let flow = self.stream.borrow_mut().on_request_body(&mut host, end_of_stream);
+        self.request_body.settle(body_size, flow);
+        body_action(flow)
     }
 
     fn on_http_request_trailers(&mut self, _count: usize) -> Action {
         self.body_arrived();
         let size = host::buffered_size(true);
-        let mut host = WasmHost::new(&self.metric_ids, size, Direction::Request);
-        body_action(self.stream.borrow_mut().on_request_trailers(&mut host))
+        let mut host =
+            WasmHost::new(&self.metric_ids, size, Direction::Request).with_request_body(&mut self.request_body);
+        let flow = self.stream.borrow_mut().on_request_trailers(&mut host);
+        self.request_body.settle(size, flow);
+        body_action(flow)
     }
 
     fn on_http_response_headers(&mut self, _count: usize, end_of_stream: bool) -> Action {
