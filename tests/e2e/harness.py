@@ -238,7 +238,12 @@ class Envoy:
             name, _, value = line.partition(": ")
             if value.strip().lstrip("-").isdigit():
                 # Envoy prefixes wasm metrics with `wasmcustom.`; the names are otherwise the same.
-                stats[name.strip().removeprefix("wasmcustom.")] = int(value)
+                # A dynamic module loaded without metrics_namespace (as Envoy Gateway loads it)
+                # counts under `dynamicmodulescustom.`.
+                name = name.strip().removeprefix("wasmcustom.")
+                if name.startswith("dynamicmodulescustom."):
+                    name = "payload_processor." + name.removeprefix("dynamicmodulescustom.")
+                stats[name] = int(value)
         return stats
 
     def alive(self):
