@@ -135,7 +135,10 @@ fn body_editing_chains_drop_content_length_from_early_headers_and_never_touch_he
         assert_eq!(stream.on_request_body(&mut host, true), BodyFlow::Continue);
         assert_eq!(host.request_body, br#"{"model":"m-a","secret":"[MASKED]"}"#);
         assert!(host.header(Direction::Request, "content-length").is_none());
-        assert_eq!(host.route_cache_clears, 1, "once, for the header stage; nothing after the body");
+        assert_eq!(
+            host.route_cache_clears, 1,
+            "once, for the header stage; nothing after the body"
+        );
         assert_eq!(
             counter(&chain, &host, "processor.stamp.invocations"),
             1,

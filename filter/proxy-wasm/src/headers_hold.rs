@@ -138,6 +138,8 @@ impl HeadersHoldTracker {
     /// body bytes for one that never reached us, finishes every paused request.
     pub(crate) fn check(&self, steering: &str, metric_ids: &[Option<u32>]) {
         if self.probes.borrow().is_empty() {
+            // Nothing paused here: adopt what another VM of this filter learned, if anything.
+            let _ = self.hold();
             return;
         }
         if self.known.get() == Known::Unknown {

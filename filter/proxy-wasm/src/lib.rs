@@ -188,8 +188,16 @@ impl RootContext for Root {
             let now = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
             // Ticks come at the chain's own interval unless paused requests are watched.
             if !was_probing || now >= next_due {
+                // Due times advance by the interval, so the faster probe ticks keep the chain's
+                // cadence on average.
+                let interval = u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX);
                 if let Some(loaded) = &mut self.loaded {
-                    loaded.next_chain_tick_nanos = now.saturating_add(u64::try_from(interval.as_nanos()).unwrap_or(0));
+                    let next = next_due.saturating_add(interval);
+                    loaded.next_chain_tick_nanos = if next <= now {
+                        now.saturating_add(interval)
+                    } else {
+                        next
+                    };
                 }
                 let mut host = WasmBackgroundHost::new(self, &metric_ids);
                 chain.on_tick(&mut host);
