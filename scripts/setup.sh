@@ -19,3 +19,10 @@ echo "envoy: $(.venv/bin/envoy --version | grep -o 'version: .*')"
 if command -v rustup >/dev/null 2>&1 && ! rustup target list --installed | grep -qx wasm32-wasip1; then
   rustup target add wasm32-wasip1
 fi
+
+# skopeo (Debian) writes the Wasm OCI artifact layout in scripts/package.sh (tested end to end).
+if ! command -v skopeo >/dev/null 2>&1; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q skopeo >/dev/null
+fi

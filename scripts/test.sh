@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test from a fresh clone: installs what is missing, checks formatting and lints,
-# runs the unit tests, builds the artifacts, then the end-to-end tests against real Envoy.
+# runs the unit tests, builds the artifacts, then the end-to-end tests against real Envoy 1.40
+# and, in short mode, against the other Envoy releases of the support matrix.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,4 +18,9 @@ cargo test --workspace --locked
 CARGO_TARGET_DIR=target/bench cargo clippy --manifest-path bench/Cargo.toml --workspace --all-targets --locked -- -D warnings
 cargo test --manifest-path examples/custom-plugin/Cargo.toml --target-dir target/example
 scripts/build.sh
+# The ext_proc server of the benchmark also stands in front of our filter in the Envoy Gateway
+# tests (EG orders ext_proc first).
+CARGO_TARGET_DIR=target/bench cargo build --release --locked --manifest-path bench/Cargo.toml -p bench-extproc-server
 .venv/bin/python -m pytest tests/e2e -v -p no:cacheprovider "$@"
+# The other Envoy releases of the support matrix (1.36 to 1.39), short mode.
+scripts/test_matrix.sh --short

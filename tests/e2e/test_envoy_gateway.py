@@ -16,7 +16,7 @@ import yaml
 from jsonpath_ng.ext import parse as jsonpath
 
 import eg_shape
-from harness import ROOT, Envoy, EnvoyFailed, cluster, model_routes
+from harness import FORMS, ROOT, Envoy, EnvoyFailed, cluster, model_routes
 from mock_server import MockServer
 
 DEPLOY = ROOT / "deploy" / "envoy-gateway"
@@ -260,6 +260,25 @@ def test_a_bad_chain_in_the_policy_is_refused_at_load(form, servers, start_envoy
         response = post(envoy, {"model": "m-a", "messages": []})
         assert response.status_code == 503, "fail closed, not passed through unfiltered"
     assert post(envoy, {"model": "m-a"}, path="/untouched/x").status_code == 200, "other routes serve"
+
+
+def test_a_missing_local_module_is_never_skipped(servers):
+    """A Local module path that does not exist fails the config load (EG: the listener update is
+    NACKed): traffic is never served without the filter."""
+    if "dynamic-module" not in FORMS:
+        pytest.skip("the .so needs Envoy 1.38 or later")
+    bootstrap = eg_bootstrap("dynamic-module", MASKING, servers)
+    module = bootstrap["static_resources"]["listeners"][0]["default_filter_chain"]["filters"][0]["typed_config"]
+    for entry in module["http_filters"]:
+        if entry["name"] == eg_shape.filter_name("dynamic-module"):
+            entry["typed_config"]["dynamic_module_config"]["module"]["local"]["filename"] = "/nonexistent/lib.so"
+    envoy = Envoy(bootstrap)
+    try:
+        with pytest.raises(EnvoyFailed) as failed:
+            envoy.wait_ready(timeout=20)
+        assert "Failed to load dynamic module" in failed.value.log
+    finally:
+        envoy.stop()
 
 
 @pytest.mark.parametrize("manifest", sorted(p.name for p in DEPLOY.glob("*.yaml")))

@@ -208,10 +208,12 @@ impl Chain {
         self.limits
     }
 
-    /// Whether a processor changes routing after reading the request body, so the request
-    /// headers must wait for the body (see [`HeadersHold`]).
-    pub fn steers_after_body(&self) -> bool {
-        self.processors.iter().any(Processor::steers_after_body)
+    /// Whether a processor reads a body (request, response or event stream), so headers wait
+    /// for it when the host can hold them (see [`HeadersHold`]).
+    pub fn reads_bodies(&self) -> bool {
+        self.processors
+            .iter()
+            .any(|p| p.request == PhaseNeed::Body || p.response == PhaseNeed::Body || p.stream.is_some())
     }
 
     /// The processors that change routing after reading the request body.
@@ -353,6 +355,8 @@ pub struct Stream {
     /// The request headers went on before the body (the host could not hold them): the
     /// header-stage processors already ran, and the body processors cannot change headers.
     request_released: bool,
+    /// The same for the response headers.
+    response_released: bool,
 }
 
 enum Failure {
@@ -446,6 +450,7 @@ impl Stream {
             started_nanos: 0,
             request_path: String::new(),
             request_released: false,
+            response_released: false,
         }
     }
 
@@ -581,6 +586,7 @@ impl Stream {
         let Some(hold_back) = hold_back else {
             return self.on_headers(host, Direction::Response, end_of_stream);
         };
+        let released = matches!(host.headers_hold(), HeadersHold::Unavailable(_));
         // A streamed response: header-stage processors run now, event processors per event.
         self.response = PhaseState::Streaming;
         if !self.run(host, Direction::Response, Body::default(), true) {
@@ -593,12 +599,15 @@ impl Stream {
         let processors = (0..chain.processors.len())
             .filter(|&i| self.response_active[i] && chain.processors[i].stream.is_some())
             .collect();
-        self.events = Some(EventStream::new(
-            max_event,
-            hold_back,
-            Api::from_path(&path),
-            processors,
-        ));
+        let mut events = EventStream::new(max_event, hold_back, Api::from_path(&path), processors);
+        if released {
+            // The headers go now: a later rejection ends the stream with a terminal event.
+            self.response_released = true;
+            events.started = true;
+            self.events = Some(events);
+            return HeadersFlow::Continue;
+        }
+        self.events = Some(events);
         HeadersFlow::WaitForBody
     }
 
@@ -665,15 +674,12 @@ impl Stream {
                 }
                 host.raise_buffer_limit(self.limit(direction));
                 *self.state(direction) = PhaseState::Buffering;
-                if direction == Direction::Request {
-                    let steers = self.active_steering().next().is_some();
-                    match host.request_headers_hold() {
-                        HeadersHold::Available => {}
-                        // The adapter finds out whether the hold takes effect.
-                        HeadersHold::Unknown if steers => {}
-                        HeadersHold::Unknown => return self.release_request_headers(host, None),
-                        HeadersHold::Unavailable(fix) => return self.release_request_headers(host, Some(fix)),
-                    }
+                // Unknown: hold, and the adapter finds out whether the hold takes effect.
+                if let HeadersHold::Unavailable(fix) = host.headers_hold() {
+                    return match direction {
+                        Direction::Request => self.release_request_headers(host, fix),
+                        Direction::Response => self.release_response_headers(host),
+                    };
                 }
                 HeadersFlow::WaitForBody
             }
@@ -708,7 +714,7 @@ impl Stream {
         if self.replied || self.request != PhaseState::Buffering || self.request_released {
             return HeadersFlow::Continue;
         }
-        self.release_request_headers(host, Some(fix))
+        self.release_request_headers(host, fix)
     }
 
     /// Lets the request headers go before the body: processors that change routing after the
@@ -716,12 +722,11 @@ impl Stream {
     /// the host, `fix`), header-stage processors run now while the headers are still here, and
     /// `content-length` goes when a body processor may change the body. The body processors
     /// run at the end of the body as usual, with the headers already gone.
-    fn release_request_headers(&mut self, host: &mut dyn Host, fix: Option<&'static str>) -> HeadersFlow {
+    fn release_request_headers(&mut self, host: &mut dyn Host, fix: &'static str) -> HeadersFlow {
         let chain = Arc::clone(&self.chain);
         let steering: Vec<usize> = self.active_steering().collect();
         for index in steering {
             let processor = &chain.processors[index];
-            let fix = fix.unwrap_or("the proxy cannot hold the request headers while the body is read");
             if processor.failure_mode == FailureMode::FailClosed {
                 let message = format!(
                     "processor {} changes routing after reading the request body, but this filter cannot hold the \
@@ -758,6 +763,25 @@ impl Stream {
             host.remove_header(Direction::Request, "content-length");
         }
         HeadersFlow::Continue
+    }
+
+    /// Lets a buffered response's headers go before its body: header-stage processors run now,
+    /// `content-length` goes (a processor may change the body), the body processors run at its
+    /// end with the headers gone.
+    fn release_response_headers(&mut self, host: &mut dyn Host) -> HeadersFlow {
+        self.response_released = true;
+        if !self.run(host, Direction::Response, Body::default(), true) {
+            return HeadersFlow::Stop;
+        }
+        host.remove_header(Direction::Response, "content-length");
+        HeadersFlow::Continue
+    }
+
+    fn released(&self, direction: Direction) -> bool {
+        match direction {
+            Direction::Request => self.request_released,
+            Direction::Response => self.response_released,
+        }
     }
 
     fn on_body(&mut self, host: &mut dyn Host, direction: Direction, end_of_stream: bool) -> BodyFlow {
@@ -810,6 +834,12 @@ impl Stream {
                     .zip(&self.response_active)
                     .filter(|(p, active)| **active && p.response == PhaseNeed::Body);
                 if readers.clone().any(|(p, _)| p.failure_mode == FailureMode::FailClosed) {
+                    if self.response_released {
+                        log::warn!("response body over {limit} bytes after its headers went out: resetting the stream");
+                        self.replied = true;
+                        host.reset_stream();
+                        return HeadersFlow::Stop;
+                    }
                     let reply = LocalReply::json_error(
                         502,
                         "response_too_large",
@@ -840,7 +870,7 @@ impl Stream {
         let mut request_headers_changed = false;
         // After an early release the header-stage processors already ran, and the headers
         // are gone.
-        let headers_gone = direction == Direction::Request && self.request_released && !headers_stage;
+        let headers_gone = self.released(direction) && !headers_stage;
         for (index, processor) in chain.processors.iter().enumerate() {
             let need = processor.need(direction);
             if !self.mask(direction)[index]
@@ -869,6 +899,13 @@ impl Stream {
                 },
             );
             if let Verdict::Stop(reply, details) = verdict {
+                if headers_gone && direction == Direction::Response {
+                    // The status went out with the headers: end the exchange instead.
+                    log::warn!("{details}: the response headers already went out, resetting the stream");
+                    self.replied = true;
+                    host.reset_stream();
+                    return false;
+                }
                 self.reply(host, &reply, &details);
                 return false;
             }

@@ -27,24 +27,27 @@ impl Direction {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MetricId(pub usize);
 
-/// Whether the host can hold the request headers while the engine reads the request body.
+/// Whether the host can hold a direction's headers while the engine reads its body.
 ///
-/// Holding them is what lets a plugin change routing (set a header routes match, pick an
-/// endpoint) after reading the body. proxy-wasm in Envoy can only hold them when the filter is
+/// Holding request headers is what lets a plugin change routing (set a header routes match,
+/// pick an endpoint) after reading the body; holding response headers lets a plugin change the
+/// status (reject) or set headers after reading the answer. proxy-wasm in Envoy can only hold them when the filter is
 /// configured with `allow_on_headers_stop_iteration: true`, which some control planes (Envoy
 /// Gateway) never set; the proxy-wasm adapter finds out at run time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeadersHold {
     /// Headers can wait for the body.
     Available,
-    /// Headers must go on before the body: chains that change routing after the body cannot
-    /// run (their processors follow their failure mode); the others read the body as it
-    /// follows the headers. The text says how to make holding available (logged, and put in
-    /// the error a fail-closed processor answers with).
+    /// Headers must go on before the body: on requests, processors that change routing after
+    /// the body cannot run (they follow their failure mode); the others read the body as it
+    /// follows the headers. On responses, processors cannot set headers after the body (their
+    /// failure mode applies), and a rejected buffered answer is reset, as its status went out.
+    /// The text says how to make holding available (logged, and put in the error a
+    /// fail-closed processor answers with).
     Unavailable(&'static str),
-    /// Not known yet: the engine holds the headers only when a processor needs it, and the
-    /// adapter then finds out (and calls [`crate::Stream::on_request_headers_hold_failed`] if
-    /// the hold never took effect).
+    /// Not known yet: the engine holds the headers, and the adapter finds out whether the hold
+    /// takes effect (and calls [`crate::Stream::on_request_headers_hold_failed`] if it never
+    /// does).
     Unknown,
 }
 
@@ -92,10 +95,14 @@ pub trait Host {
     fn metadata_strings(&self, _namespace: &str, _key: &str) -> Vec<String> {
         Vec::new()
     }
-    /// Whether request headers can wait for the request body (see [`HeadersHold`]).
-    fn request_headers_hold(&self) -> HeadersHold {
+    /// Whether the headers of the direction being processed can wait for its body (see
+    /// [`HeadersHold`]).
+    fn headers_hold(&self) -> HeadersHold {
         HeadersHold::Available
     }
+    /// Resets the stream: for a response whose headers already went out, when a processor
+    /// rejects it (a local reply can no longer change the status).
+    fn reset_stream(&mut self) {}
     /// The upstream host the request went to (`ip:port`), once the response arrived.
     fn upstream_address(&self) -> Option<String> {
         None

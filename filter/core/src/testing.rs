@@ -61,8 +61,10 @@ pub struct FakeHost {
     pub upstream: Option<String>,
     /// The endpoint passed to `set_original_destination`.
     pub original_destination: Option<String>,
-    /// What `request_headers_hold` answers (`None`: available).
+    /// What `headers_hold` answers (`None`: available).
     pub headers_hold: Option<HeadersHold>,
+    /// Whether the stream was reset.
+    pub reset: bool,
 }
 
 impl FakeHost {
@@ -123,8 +125,11 @@ fn metric_index(chain: &crate::Chain, name: &str) -> usize {
 }
 
 impl Host for FakeHost {
-    fn request_headers_hold(&self) -> HeadersHold {
+    fn headers_hold(&self) -> HeadersHold {
         self.headers_hold.unwrap_or(HeadersHold::Available)
+    }
+    fn reset_stream(&mut self) {
+        self.reset = true;
     }
     fn header(&self, dir: Direction, name: &str) -> Option<String> {
         self.map(dir)

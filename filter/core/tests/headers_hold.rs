@@ -118,7 +118,8 @@ fn fail_open_steering_is_skipped_and_counted_and_the_request_goes_on() {
 #[test]
 fn body_editing_chains_drop_content_length_from_early_headers_and_never_touch_headers_after() {
     let chain = chain(&[("stamp", "FailClosed"), ("mask", "FailClosed")]);
-    for hold in [HeadersHold::Unavailable(FIX), HeadersHold::Unknown] {
+    {
+        let hold = HeadersHold::Unavailable(FIX);
         let mut host = host(hold);
         let mut stream = Stream::new(chain.clone());
         assert_eq!(
@@ -212,4 +213,69 @@ fn a_plugin_that_changes_headers_it_did_not_declare_fails_instead_of_losing_the_
     let reply = host.reply.unwrap();
     assert_eq!(reply.status, 500);
     assert!(host.request_headers.iter().all(|(name, _)| name != "x-late"));
+}
+
+/// `reply`: a response-body plugin that rejects answers containing "forbidden", masks "secret",
+/// and stamps a response header.
+struct ResponseGuard;
+
+impl Plugin for ResponseGuard {
+    fn response_need(&self) -> PhaseNeed {
+        PhaseNeed::Body
+    }
+    fn on_response(&self, ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
+        let text = String::from_utf8_lossy(ctx.body().raw()).into_owned();
+        if text.contains("forbidden") {
+            return Ok(Decision::Reject(LocalReply::json_error(403, "blocked", "no")));
+        }
+        if text.contains("secret") {
+            ctx.body()
+                .set(&FieldPath::parse("$.answer").unwrap(), json!("[MASKED]"))
+                .unwrap();
+        }
+        Ok(Decision::Continue)
+    }
+}
+
+fn response_chain() -> Arc<Chain> {
+    let mut registry = Registry::new();
+    registry
+        .register(
+            "guard",
+            |_: &Value, _: &mut BuildContext| -> Result<Arc<dyn Plugin>, ConfigError> { Ok(Arc::new(ResponseGuard)) },
+        )
+        .unwrap();
+    Arc::new(Chain::load("processors: [{name: guard, type: guard}]", &registry).unwrap())
+}
+
+fn answer(host: &mut FakeHost, body: &[u8]) {
+    host.response_headers = vec![
+        (":status".into(), "200".into()),
+        ("content-type".into(), "application/json".into()),
+        ("content-length".into(), body.len().to_string()),
+    ];
+    host.response_body = body.to_vec();
+}
+
+#[test]
+fn responses_whose_headers_cannot_wait_are_masked_chunked_and_reset_when_rejected() {
+    let chain = response_chain();
+    // Masked: the headers go first without content-length, the body is changed at its end.
+    let mut fake = host(HeadersHold::Unavailable(FIX));
+    let mut stream = Stream::new(chain.clone());
+    assert_eq!(stream.on_request_headers(&mut fake, true), HeadersFlow::Continue);
+    answer(&mut fake, br#"{"answer":"the secret"}"#);
+    assert_eq!(stream.on_response_headers(&mut fake, false), HeadersFlow::Continue);
+    assert!(fake.header(Direction::Response, "content-length").is_none());
+    assert_eq!(stream.on_response_body(&mut fake, true), BodyFlow::Continue);
+    assert_eq!(fake.response_body, br#"{"answer":"[MASKED]"}"#);
+    assert!(fake.header(Direction::Response, "content-length").is_none());
+    // Rejected: the status already went out, so the stream is reset; no reply is attempted.
+    let mut fake = host(HeadersHold::Unavailable(FIX));
+    let mut stream = Stream::new(chain);
+    stream.on_request_headers(&mut fake, true);
+    answer(&mut fake, br#"{"answer":"forbidden"}"#);
+    assert_eq!(stream.on_response_headers(&mut fake, false), HeadersFlow::Continue);
+    assert_eq!(stream.on_response_body(&mut fake, true), BodyFlow::Stop);
+    assert!(fake.reset && fake.reply.is_none());
 }

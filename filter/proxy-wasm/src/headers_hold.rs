@@ -4,7 +4,7 @@
 //! has `allow_on_headers_stop_iteration: true`; without it Envoy turns the pause into
 //! `StopAllIterationAndWatermark` and calls the filter for nothing more, so the request would
 //! wait forever. Envoy Gateway never sets the field, and the filter cannot read its own filter
-//! config, so it finds out from the first request that needs the hold:
+//! config, so it finds out from the first request whose body the chain reads:
 //!
 //! - the body callback arrives: the hold works, and every later request uses it;
 //! - the root context's tick sees that Envoy holds body bytes of the paused request
@@ -71,7 +71,7 @@ pub(crate) struct HeadersHoldTracker {
     probes: RefCell<Vec<Probe>>,
     /// Shared-data key of this filter config, so the VMs of one filter share the answer.
     shared_key: String,
-    /// Whether the chain has processors that need the hold at all.
+    /// Whether the chain reads request bodies at all (otherwise it never holds headers).
     needed: bool,
 }
 
@@ -102,6 +102,16 @@ impl HeadersHoldTracker {
             Known::Works => HeadersHold::Available,
             Known::Missing => HeadersHold::Unavailable(FIX),
             Known::Unknown => HeadersHold::Unknown,
+        }
+    }
+
+    /// What the engine is told for a response. Requests with a body learn the answer; until
+    /// one did, responses do not hold their headers (never a hang, at the cost of resetting
+    /// rather than re-statusing a buffered answer a processor rejects).
+    pub(crate) fn hold_for_response(&self) -> HeadersHold {
+        match self.known.get() {
+            Known::Works => HeadersHold::Available,
+            _ => HeadersHold::Unavailable(FIX),
         }
     }
 
@@ -149,12 +159,21 @@ impl HeadersHoldTracker {
             });
             if stuck {
                 self.learn(Known::Missing);
-                log::error!(
-                    "payload-processor: this Wasm filter was loaded without allow_on_headers_stop_iteration, so Envoy \
-                     cannot hold request headers while the body is read. Processors that change routing after the \
-                     body ({steering}) cannot run: fail-closed ones answer 500 headers_hold_unavailable, fail-open \
-                     ones are skipped and counted in fail_open. Fix: {FIX}."
-                );
+                if steering.is_empty() {
+                    log::warn!(
+                        "payload-processor: this Wasm filter was loaded without allow_on_headers_stop_iteration, so \
+                         Envoy cannot hold request headers while the body is read. No processor of this chain \
+                         re-routes, so it runs with the headers sent first and only the body held. To hold them: \
+                         {FIX}."
+                    );
+                } else {
+                    log::error!(
+                        "payload-processor: this Wasm filter was loaded without allow_on_headers_stop_iteration, so \
+                         Envoy cannot hold request headers while the body is read. Processors that change routing \
+                         after the body ({steering}) cannot run: fail-closed ones answer 500 \
+                         headers_hold_unavailable, fail-open ones are skipped and counted in fail_open. Fix: {FIX}."
+                    );
+                }
             }
         }
         if self.known.get() != Known::Missing {

@@ -172,8 +172,15 @@ impl Host for WasmHost<'_> {
         }
     }
 
-    fn request_headers_hold(&self) -> HeadersHold {
+    fn headers_hold(&self) -> HeadersHold {
         self.hold
+    }
+
+    fn reset_stream(&mut self) {
+        let _ = match self.phase {
+            Direction::Request => hostcalls::reset_http_request(),
+            Direction::Response => hostcalls::reset_http_response(),
+        };
     }
 
     fn clear_route_cache(&mut self) {

@@ -145,7 +145,7 @@ impl RootContext for Root {
                     .get_property(vec!["plugin_name"])
                     .map(|name| String::from_utf8_lossy(&name).into_owned())
                     .unwrap_or_default();
-                let headers_hold = Rc::new(HeadersHoldTracker::new(&plugin_name, chain.steers_after_body()));
+                let headers_hold = Rc::new(HeadersHoldTracker::new(&plugin_name, chain.reads_bodies()));
                 let chain_tick = chain
                     .tick_interval()
                     .map(|i| i.max(std::time::Duration::from_millis(1)));
@@ -309,9 +309,15 @@ impl HttpContext for Filter {
         let hold = self.headers_hold.hold();
         let mut host = WasmHost::new(&self.metric_ids, 0, Direction::Request).with_hold(hold);
         let flow = self.stream.borrow_mut().on_request_headers(&mut host, end_of_stream);
-        if flow == HeadersFlow::WaitForBody && hold == HeadersHold::Unknown {
+        // While unknown, a request with a body is held (even if the chain only reads the
+        // answer) so the hold is learned before any response needs it.
+        let probe = hold == HeadersHold::Unknown
+            && !end_of_stream
+            && (flow == HeadersFlow::WaitForBody || (flow == HeadersFlow::Continue && self.headers_hold.probing()));
+        if probe {
             self.headers_hold.watch(self.context_id, &self.stream);
             self.watched = true;
+            return Action::Pause;
         }
         headers_action(flow)
     }
@@ -336,7 +342,8 @@ impl HttpContext for Filter {
     }
 
     fn on_http_response_headers(&mut self, _count: usize, end_of_stream: bool) -> Action {
-        let mut host = WasmHost::new(&self.metric_ids, 0, Direction::Response);
+        let hold = self.headers_hold.hold_for_response();
+        let mut host = WasmHost::new(&self.metric_ids, 0, Direction::Response).with_hold(hold);
         headers_action(self.stream.borrow_mut().on_response_headers(&mut host, end_of_stream))
     }
 
