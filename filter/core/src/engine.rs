@@ -454,6 +454,12 @@ impl Stream {
         }
     }
 
+    /// Whether this direction's headers went on before its body (the host could not hold
+    /// them): a host that can only read held headers must read them another way.
+    pub fn headers_released(&self, direction: Direction) -> bool {
+        self.released(direction)
+    }
+
     /// True once the engine sent a local reply for this stream.
     pub fn replied(&self) -> bool {
         self.replied

@@ -18,7 +18,7 @@
 //! each learns it at most once. A request whose client sends no body bytes at all waits for the
 //! client, as any proxy would (Envoy's stream idle timeout ends it), never for us.
 
-use crate::host::WasmHost;
+use crate::host::{HeaderSnapshot, WasmHost};
 use payload_processor_core::{Direction, HeadersFlow, HeadersHold, Stream};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MapType;
@@ -63,6 +63,8 @@ impl Known {
 struct Probe {
     context_id: u32,
     stream: Rc<RefCell<Stream>>,
+    /// Where the request's headers are copied when they are let go.
+    headers: Rc<RefCell<Option<HeaderSnapshot>>>,
 }
 
 /// Per root context (one filter config in one VM).
@@ -116,10 +118,16 @@ impl HeadersHoldTracker {
     }
 
     /// The engine paused a request's headers while the answer is unknown: watch it.
-    pub(crate) fn watch(&self, context_id: u32, stream: &Rc<RefCell<Stream>>) {
+    pub(crate) fn watch(
+        &self,
+        context_id: u32,
+        stream: &Rc<RefCell<Stream>>,
+        headers: &Rc<RefCell<Option<HeaderSnapshot>>>,
+    ) {
         self.probes.borrow_mut().push(Probe {
             context_id,
             stream: Rc::clone(stream),
+            headers: Rc::clone(headers),
         });
     }
 
@@ -187,6 +195,8 @@ impl HeadersHoldTracker {
             let mut host = WasmHost::new(metric_ids, 0, Direction::Request).with_hold(HeadersHold::Unavailable(FIX));
             let flow = probe.stream.borrow_mut().on_request_headers_hold_failed(&mut host, FIX);
             if flow == HeadersFlow::Continue {
+                // Still held here; read from the copy once they went.
+                *probe.headers.borrow_mut() = Some(HeaderSnapshot::take(Direction::Request));
                 let _ = hostcalls::resume_http_request();
             }
         }

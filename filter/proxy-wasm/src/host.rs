@@ -22,6 +22,29 @@ pub(crate) struct WasmHost<'a> {
     hold: HeadersHold,
     /// Request body bytes taken out of Envoy in earlier callbacks (see [`RequestBody`]).
     request_body: Option<&'a mut RequestBody>,
+    /// Headers that went on before their body: Envoy no longer lends their map (the SDK traps
+    /// on a refused map) nor their attributes, so they are read from the copy taken when they
+    /// went ([`HeaderSnapshot`]); `[request, response]`.
+    gone: [Option<&'a HeaderSnapshot>; 2],
+}
+
+/// The headers of one direction as they went on early (see [`payload_processor_core::HeadersHold`]),
+/// for reads in its later body callbacks.
+#[derive(Default)]
+pub(crate) struct HeaderSnapshot(Vec<(String, String)>);
+
+impl HeaderSnapshot {
+    /// Copies the held headers of `dir` (call while they are still held).
+    pub(crate) fn take(dir: Direction) -> Self {
+        Self(hostcalls::get_map(headers_map(dir)).unwrap_or_default())
+    }
+
+    fn get(&self, name: &str) -> Option<String> {
+        self.0
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.clone())
+    }
 }
 
 /// The request body as the filter holds it itself: each chunk is moved out of Envoy as it
@@ -68,7 +91,22 @@ impl<'a> WasmHost<'a> {
             phase,
             hold: HeadersHold::Available,
             request_body: None,
+            gone: [None, None],
         }
+    }
+
+    /// The copies of headers that already went on (`None` where they are still held).
+    pub(crate) fn with_gone_headers(
+        mut self,
+        request: Option<&'a HeaderSnapshot>,
+        response: Option<&'a HeaderSnapshot>,
+    ) -> Self {
+        self.gone = [request, response];
+        self
+    }
+
+    fn gone(&self, dir: Direction) -> Option<&'a HeaderSnapshot> {
+        self.gone[usize::from(dir == Direction::Response)]
     }
 
     /// Request body callbacks: earlier chunks are in `body`, not in Envoy.
@@ -81,6 +119,21 @@ impl<'a> WasmHost<'a> {
         self.hold = hold;
         self
     }
+}
+
+/// A request header read from a response callback, through Envoy's `request.headers` attribute
+/// (Envoy lends the request header map only while the request is held); the pseudo-headers
+/// from their own attributes.
+fn header_attribute(dir: Direction, name: &str) -> Option<String> {
+    let path = match name {
+        ":path" => vec!["request", "path"],
+        ":method" => vec!["request", "method"],
+        ":authority" => vec!["request", "host"],
+        ":scheme" => vec!["request", "scheme"],
+        name => vec![dir.as_str(), "headers", name],
+    };
+    let value = hostcalls::get_property(path).ok().flatten()?;
+    Some(String::from_utf8_lossy(&value).into_owned())
 }
 
 /// Size of the buffered body outside a body callback (at trailers).
@@ -108,13 +161,12 @@ fn body_buffer(request: bool) -> BufferType {
 
 impl Host for WasmHost<'_> {
     fn header(&self, dir: Direction, name: &str) -> Option<String> {
-        let value = if dir == self.phase {
+        let value = if let Some(snapshot) = self.gone(dir) {
+            return snapshot.get(name);
+        } else if dir == self.phase {
             hostcalls::get_map_value_bytes(headers_map(dir), name).ok().flatten()?
         } else if dir == Direction::Request {
-            let name = name.to_ascii_lowercase();
-            hostcalls::get_property(vec!["request", "headers", &name])
-                .ok()
-                .flatten()?
+            return header_attribute(dir, &name.to_ascii_lowercase());
         } else {
             return None; // response headers do not exist yet in a request callback
         };
@@ -122,7 +174,7 @@ impl Host for WasmHost<'_> {
     }
 
     fn set_header(&mut self, dir: Direction, name: &str, value: &str) {
-        if dir != self.phase {
+        if dir != self.phase || self.gone(dir).is_some() {
             log::debug!("not setting {} header {name}: it went out already", dir.as_str());
             return;
         }
@@ -131,7 +183,7 @@ impl Host for WasmHost<'_> {
     }
 
     fn remove_header(&mut self, dir: Direction, name: &str) {
-        if dir != self.phase {
+        if dir != self.phase || self.gone(dir).is_some() {
             return;
         }
         let _ = hostcalls::set_map_value(headers_map(dir), name, None);

@@ -30,7 +30,7 @@ pub use payload_processor_core::Registry;
 pub use proxy_wasm;
 
 use headers_hold::HeadersHoldTracker;
-use host::{WasmBackgroundHost, WasmHost};
+use host::{HeaderSnapshot, WasmBackgroundHost, WasmHost};
 use payload_processor_core::{BodyFlow, Chain, HeadersFlow, HeadersHold, MetricKind, Stream};
 use payload_processor_core::{CalloutResponse, Direction};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -218,6 +218,8 @@ impl RootContext for Root {
             headers_hold: Rc::clone(&loaded.headers_hold),
             watched: false,
             request_body: host::RequestBody::default(),
+            request_headers: Rc::default(),
+            response_headers: None,
         }))
     }
 
@@ -251,6 +253,10 @@ struct Filter {
     watched: bool,
     /// The request body taken out of Envoy while the chain buffers it.
     request_body: host::RequestBody,
+    /// Copies of headers that went on before their body (shared with the root context, which
+    /// may release a watched request's headers).
+    request_headers: Rc<RefCell<Option<HeaderSnapshot>>>,
+    response_headers: Option<HeaderSnapshot>,
 }
 
 impl Drop for Filter {
@@ -309,13 +315,17 @@ impl HttpContext for Filter {
         let hold = self.headers_hold.hold();
         let mut host = WasmHost::new(&self.metric_ids, 0, Direction::Request).with_hold(hold);
         let flow = self.stream.borrow_mut().on_request_headers(&mut host, end_of_stream);
+        if self.stream.borrow().headers_released(Direction::Request) {
+            *self.request_headers.borrow_mut() = Some(HeaderSnapshot::take(Direction::Request));
+        }
         // While unknown, a request with a body is held (even if the chain only reads the
         // answer) so the hold is learned before any response needs it.
         let probe = hold == HeadersHold::Unknown
             && !end_of_stream
             && (flow == HeadersFlow::WaitForBody || (flow == HeadersFlow::Continue && self.headers_hold.probing()));
         if probe {
-            self.headers_hold.watch(self.context_id, &self.stream);
+            self.headers_hold
+                .watch(self.context_id, &self.stream, &self.request_headers);
             self.watched = true;
             return Action::Pause;
         }
@@ -324,8 +334,10 @@ impl HttpContext for Filter {
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         self.body_arrived();
-        let mut host =
-            WasmHost::new(&self.metric_ids, body_size, Direction::Request).with_request_body(&mut self.request_body);
+        let (request, response) = (self.request_headers.borrow(), self.response_headers.as_ref());
+        let mut host = WasmHost::new(&self.metric_ids, body_size, Direction::Request)
+            .with_request_body(&mut self.request_body)
+            .with_gone_headers(request.as_ref(), response);
         let flow = self.stream.borrow_mut().on_request_body(&mut host, end_of_stream);
         self.request_body.settle(body_size, flow);
         body_action(flow)
@@ -334,8 +346,10 @@ impl HttpContext for Filter {
     fn on_http_request_trailers(&mut self, _count: usize) -> Action {
         self.body_arrived();
         let size = host::buffered_size(true);
-        let mut host =
-            WasmHost::new(&self.metric_ids, size, Direction::Request).with_request_body(&mut self.request_body);
+        let (request, response) = (self.request_headers.borrow(), self.response_headers.as_ref());
+        let mut host = WasmHost::new(&self.metric_ids, size, Direction::Request)
+            .with_request_body(&mut self.request_body)
+            .with_gone_headers(request.as_ref(), response);
         let flow = self.stream.borrow_mut().on_request_trailers(&mut host);
         self.request_body.settle(size, flow);
         body_action(flow)
@@ -343,18 +357,29 @@ impl HttpContext for Filter {
 
     fn on_http_response_headers(&mut self, _count: usize, end_of_stream: bool) -> Action {
         let hold = self.headers_hold.hold_for_response();
-        let mut host = WasmHost::new(&self.metric_ids, 0, Direction::Response).with_hold(hold);
-        headers_action(self.stream.borrow_mut().on_response_headers(&mut host, end_of_stream))
+        let request = self.request_headers.borrow();
+        let mut host = WasmHost::new(&self.metric_ids, 0, Direction::Response)
+            .with_hold(hold)
+            .with_gone_headers(request.as_ref(), None);
+        let flow = self.stream.borrow_mut().on_response_headers(&mut host, end_of_stream);
+        if self.stream.borrow().headers_released(Direction::Response) {
+            self.response_headers = Some(HeaderSnapshot::take(Direction::Response));
+        }
+        headers_action(flow)
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let mut host = WasmHost::new(&self.metric_ids, body_size, Direction::Response);
+        let request = self.request_headers.borrow();
+        let mut host = WasmHost::new(&self.metric_ids, body_size, Direction::Response)
+            .with_gone_headers(request.as_ref(), self.response_headers.as_ref());
         body_action(self.stream.borrow_mut().on_response_body(&mut host, end_of_stream))
     }
 
     fn on_http_response_trailers(&mut self, _count: usize) -> Action {
         let size = host::buffered_size(false);
-        let mut host = WasmHost::new(&self.metric_ids, size, Direction::Response);
+        let request = self.request_headers.borrow();
+        let mut host = WasmHost::new(&self.metric_ids, size, Direction::Response)
+            .with_gone_headers(request.as_ref(), self.response_headers.as_ref());
         body_action(self.stream.borrow_mut().on_response_trailers(&mut host))
     }
 
