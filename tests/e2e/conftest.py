@@ -5,8 +5,29 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from harness import FORMS, Envoy  # noqa: E402
+from harness import FORMS, WASM_HOLD_HEADERS, Envoy  # noqa: E402
 from mock_server import MockServer  # noqa: E402
+
+# Behaviour that needs the request or response headers held until the body is read: re-routing
+# after the body, an upstream that never sees a refused request, `content-length` kept on a
+# changed body, a new status or headers on a buffered answer. The .wasm has it only with
+# allow_on_headers_stop_iteration (docs/deploy/envoy-gateway.md); with WASM_HOLD_HEADERS=0
+# (the filter as Envoy Gateway configures it) these tests are skipped for the .wasm.
+NEEDS_HEADERS_HOLD = "needs_headers_hold"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"{NEEDS_HEADERS_HOLD}: needs the headers held until the body is read")
+
+
+def pytest_collection_modifyitems(config, items):
+    if WASM_HOLD_HEADERS:
+        return
+    skip = pytest.mark.skip(reason="needs allow_on_headers_stop_iteration, which this run leaves out")
+    for item in items:
+        form = getattr(item, "callspec", None) and item.callspec.params.get("form")
+        if form == "wasm" and item.get_closest_marker(NEEDS_HEADERS_HOLD):
+            item.add_marker(skip)
 
 
 @pytest.fixture(params=FORMS)
