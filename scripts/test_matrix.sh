@@ -60,8 +60,12 @@ for version in "${versions[@]}"; do
   extra=()
   # Envoy Gateway v1.9 ships 1.39: its exact xDS shape runs there too (and on 1.40 in test.sh).
   case "$version" in 1.39.*) [ "$short" = 1 ] && extra=(tests/e2e/test_envoy_gateway.py) ;; esac
+  selected=("${select[@]}")
+  # Lines no Envoy Gateway release supports any more (1.36, 1.37: wasm only) run five rows of the
+  # bad-config table in short mode, each row a VM start; the supported lines run all of it.
+  case "$version" in 1.36.*|1.37.*) [ "$short" = 1 ] && selected=(-k "(${tests/refuses_bad_config/(refuses_bad_config and (unknown-type or unknown-field or not-yaml or invalid-regex))})") ;; esac
   for form in $forms; do
-    run "Envoy $version, $form" ENVOY_BIN="$binary" ENVOY_FORMS="$form" -- "${files[@]}" "${select[@]}" "$@"
+    run "Envoy $version, $form" ENVOY_BIN="$binary" ENVOY_FORMS="$form" -- "${files[@]}" "${selected[@]}" "$@"
     [ ${#extra[@]} -gt 0 ] && run "Envoy $version, $form, Envoy Gateway shape" ENVOY_BIN="$binary" \
       ENVOY_FORMS="$form" -- "${extra[@]}" "$@"
   done
