@@ -22,7 +22,7 @@ use crate::guard::{
     guard_counters, Action, Detector, Finding, Guard, GuardDirection, GuardOptions, MaskConfig, Masking, RejectConfig,
     Rule, TextPathsConfig,
 };
-use crate::pii::{Entity, Recognizer, Text};
+use crate::pii::{drop_overlapped, Entity, Recognizer, Text};
 use payload_processor_core::{BuildContext, ConfigError, Plugin};
 use regex::{Regex, RegexBuilder};
 use serde::Deserialize;
@@ -127,11 +127,14 @@ impl Detector for PiiDetector {
         let mut spans = Vec::new();
         // Number runs are found once and shared by the recognizers that start from them.
         let scan = Text::new(text);
+        let mut built_in = Vec::new();
         for (recognizer, rule) in &self.recognizers {
             spans.clear();
             recognizer.find(&scan, &mut spans);
-            findings.extend(spans.drain(..).map(|span| Finding { span, rule: *rule }));
+            built_in.extend(spans.drain(..).map(|span| (recognizer.entity(), span, *rule)));
         }
+        drop_overlapped(&mut built_in, |(entity, span, _)| (*entity, span.clone()));
+        findings.extend(built_in.into_iter().map(|(_, span, rule)| Finding { span, rule }));
         for (regex, rule) in &self.custom {
             findings.extend(regex.find_iter(text).map(|m| Finding {
                 span: m.range(),
@@ -269,7 +272,7 @@ mod tests {
     #[test]
     fn masks_every_entity_with_tags_by_default() {
         let text = "a@b.io, +1-415-555-0100, 4111-1111-1111-1111, 123-45-6789, DE89370400440532013000, \
-                    10.0.0.1, AKIAIOSFODNN7EXAMPLE";
+                    10.0.0.1, AKIAZ3MHQ2XKJ4WV7PLN";
         let (host, chain) = run_request("processors: [{name: p, type: pii-guard}]", &[], &chat(text));
         assert_eq!(
             upstream_text(&host),
@@ -378,11 +381,12 @@ mod tests {
         let fuzzed = "-\u{fffd}\u{fffd}024145l6VVVV\n&\u{14}&sk-Z-0024145492639980541+212(492639980541+212(\
                       2280541+212(492639980541+212(2222222::2:2\u{fffd}:a\u{fffd}\u{fffd}";
         let cases = [
-            ("@1111111171:211111171:21", "@[PHONE]:211111171:21"),
+            ("@4155511171:211111171:21", "@[PHONE]:211111171:21"),
             ("4:2::GT08U@pii.out:@$", "[IP_ADDRESS][EMAIL]:@$"),
             (
                 fuzzed,
-                "-\u{fffd}\u{fffd}024145l6VVVV\n&\u{14}&[SECRET][PHONE][PHONE][PHONE][PHONE][IP_ADDRESS]\
+                // `+212(2222222` is a repeated digit run, not a phone number, since issue 18.
+                "-\u{fffd}\u{fffd}024145l6VVVV\n&\u{14}&[SECRET][PHONE][PHONE][PHONE]+212(2222222::2:2\
                  \u{fffd}:a\u{fffd}\u{fffd}",
             ),
         ];

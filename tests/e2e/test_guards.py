@@ -84,8 +84,8 @@ RECOGNIZER_CASES = [
     ("from 10.0.0.1 and 2001:db8::1", "from [IP_ADDRESS] and [IP_ADDRESS]"),
     ("release v1.2.3.4 at 10:22:31, 256.1.1.1", "release v1.2.3.4 at 10:22:31, 256.1.1.1"),
     # secrets
-    ("key AKIAIOSFODNN7EXAMPLE and sk-proj-abcdefghijklmnopqrstuvwx", "key [SECRET] and [SECRET]"),
-    ("token ghp_abcdefghijklmnopqrstuvwxyz0123456789", "token [SECRET]"),
+    ("key AKIAZ3MHQ2XKJ4WV7PLN and sk-proj-Q7mZ2vK9xT4wR8pL1nB6yH3c", "key [SECRET] and [SECRET]"),
+    ("token ghp_rfnskxiSRPCfgWuRqXJXDHKfoT1752135878", "token [SECRET]"),
     ("jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJlX2hlcmU end", "jwt [SECRET] end"),
     ("-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBg\n-----END PRIVATE KEY----- done", "[SECRET] done"),
     ("task-sk-1 and AKIA123", "task-sk-1 and AKIA123"),

@@ -149,14 +149,22 @@ impl Recognizer for Iban {
             let Some(&(_, length)) = LENGTHS.iter().find(|(code, _)| **code == country) else {
                 continue;
             };
-            // Collect `length` alphanumerics, allowing single spaces between groups.
+            // Collect `length` alphanumerics, allowing one separator kind (a space, a dash or a
+            // dot), single, between groups.
             compact.clear();
+            let mut separator = None;
             let mut end = start;
             while end < bytes.len() && compact.len() < length {
                 let b = bytes[end];
                 if b.is_ascii_digit() || b.is_ascii_uppercase() {
                     compact.push(b);
-                } else if !(b == b' ' && end > start && bytes[end - 1] != b' ') {
+                } else if matches!(b, b' ' | b'-' | b'.')
+                    && end > start
+                    && bytes[end - 1].is_ascii_alphanumeric()
+                    && *separator.get_or_insert(b) == b
+                {
+                    // A separator between groups.
+                } else {
                     break;
                 }
                 end += 1;
@@ -189,6 +197,19 @@ mod tests {
             ("DE893704004405320130001", &[]),     // one long
             ("XX89370400440532013000", &[]),      // no such country
             ("SKU AB12 CD34 and ID US1234", &[]),
+            (
+                "GB82-WEST-1234-5698-7654-32 and DE89.3704.0044.0532.0130.00",
+                &["GB82-WEST-1234-5698-7654-32", "DE89.3704.0044.0532.0130.00"],
+            ),
+            (
+                "GB82 WEST 1234 5698 7654 32 DE89 3704 0044 0532 0130 00\nFR1750177548659716638049837",
+                &[
+                    "GB82 WEST 1234 5698 7654 32",
+                    "DE89 3704 0044 0532 0130 00",
+                    "FR1750177548659716638049837",
+                ],
+            ),
+            ("GB82-WEST 1234-5698 7654 32", &[]), // mixed separators
         ];
         for (text, expected) in cases {
             assert_eq!(&found(&Iban, text), expected, "{text}");

@@ -1,6 +1,8 @@
 //! IP addresses: dotted IPv4 with octets up to 255 and no leading zeros (not a version such
-//! as `v1.2.3.4` or part of a longer dotted number), and IPv6 in any form the standard
-//! library parses (compressed, mixed with IPv4), standing alone as a word.
+//! as `v1.2.3.4` or part of a longer dotted number), and IPv6 in every RFC 4291/5952 text
+//! form (compressed, loopback `::1`, IPv4-mapped `::ffff:192.0.2.1`), standing alone as a
+//! word, with a CIDR suffix (`10.0.0.0/8`, `fe80::/10`) or an RFC 6874 zone id (`%eth0`)
+//! taken along.
 
 use super::{Entity, Recognizer, Text};
 use std::net::Ipv6Addr;
@@ -25,10 +27,67 @@ fn is_word(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_'
 }
 
+/// The length of a CIDR suffix `/n` (n up to `max`) right after `end`, or 0.
+fn prefix_length_after(bytes: &[u8], end: usize, max: u32) -> usize {
+    if bytes.get(end) != Some(&b'/') {
+        return 0;
+    }
+    let digits = bytes[end + 1..]
+        .iter()
+        .take(4)
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    let value = std::str::from_utf8(&bytes[end + 1..end + 1 + digits])
+        .ok()
+        .and_then(|d| d.parse::<u32>().ok());
+    match value {
+        Some(n)
+            if (1..=3).contains(&digits) && n <= max && !bytes.get(end + 1 + digits).is_some_and(|b| is_word(*b)) =>
+        {
+            1 + digits
+        }
+        _ => 0,
+    }
+}
+
+/// The length of an IPv6 zone id `%eth0` right after `end`, or 0.
+fn zone_after(bytes: &[u8], end: usize) -> usize {
+    if bytes.get(end) != Some(&b'%') {
+        return 0;
+    }
+    let zone = bytes[end + 1..]
+        .iter()
+        .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        .count();
+    if zone == 0 {
+        0
+    } else {
+        1 + zone
+    }
+}
+
+/// `version 4.15.5.84`, `v1.2.3.4`: a four-part version number, not an address.
+fn after_version_word(text: &str, start: usize) -> bool {
+    let mut from = start.saturating_sub(12);
+    while !text.is_char_boundary(from) {
+        from -= 1;
+    }
+    let before = text[from..start].trim_end().to_ascii_lowercase();
+    ["version", "ver", "ver.", "release", "build", "v", "firmware", "fw"]
+        .iter()
+        .any(|word| {
+            before.ends_with(word)
+                && !before[..before.len() - word.len()].ends_with(|c: char| c.is_ascii_alphanumeric())
+        })
+}
+
 fn find_ipv4(scan: &Text<'_>, found: &mut Vec<Range<usize>>) {
     let text = scan.as_str();
     for run in scan.runs() {
         if run.digits < 4 || run.glued_before || run.glued_after || !text[run.span.clone()].contains('.') {
+            continue;
+        }
+        if after_version_word(text, run.span.start) {
             continue;
         }
         // Separators other than dots split a run into candidates ("10.0.0.1-10.0.0.9").
@@ -39,7 +98,7 @@ fn find_ipv4(scan: &Text<'_>, found: &mut Vec<Range<usize>>) {
             }
             let piece_end = run.span.start + offset;
             if piece_end > piece_start && ipv4(&text[piece_start..piece_end]) {
-                found.push(piece_start..piece_end);
+                found.push(piece_start..piece_end + prefix_length_after(text.as_bytes(), piece_end, 32));
             }
             piece_start = piece_end + 1;
         }
@@ -71,8 +130,13 @@ fn find_ipv6(text: &str, found: &mut Vec<Range<usize>>) {
             start.checked_sub(1).is_some_and(|i| is_word(bytes[i])) || bytes.get(end).is_some_and(|b| is_word(*b));
         let colons = candidate.bytes().filter(|b| *b == b':').count();
         let hex_groups = candidate.split(':').filter(|group| !group.is_empty()).count();
-        if !glued && colons >= 2 && hex_groups >= 2 && candidate.parse::<Ipv6Addr>().is_ok() {
-            found.push(start..end);
+        let suffix = zone_after(bytes, end) + prefix_length_after(bytes, end + zone_after(bytes, end), 128);
+        // One group is enough for the loopback address and for a compressed address with a
+        // prefix or zone (`fe80::/10`, `fe80::%eth0`); text without a digit (`a::b`) is code.
+        let enough = hex_groups >= 2 || candidate == "::1" || (hex_groups == 1 && suffix > 0);
+        let has_digit = candidate.bytes().any(|b| b.is_ascii_digit());
+        if !glued && colons >= 2 && enough && has_digit && candidate.parse::<Ipv6Addr>().is_ok() {
+            found.push(start..end + suffix);
         }
     }
 }
@@ -121,6 +185,18 @@ mod tests {
             ("v1.2.3.4 and 1.2.3.4.5 and 256.1.1.1 and 01.2.3.4", &[]),
             ("at 10:22:31 on std::vector, mac 00:1A:2B:3C:4D:5E", &[]),
             ("version 2.14.3", &[]),
+            (
+                "loopback ::1, link-local fe80::/10 and fe80::1ff:fe23:4567:890a%eth0",
+                &["::1", "fe80::/10", "fe80::1ff:fe23:4567:890a%eth0"],
+            ),
+            (
+                "subnets 10.0.0.0/8 and 2001:db8::/32.",
+                &["10.0.0.0/8", "2001:db8::/32"],
+            ),
+            ("mapped ::ffff:192.0.2.128 ok", &["::ffff:192.0.2.128"]),
+            ("[2001:db8::1]:8080 and 10.1.2.3:443", &["2001:db8::1", "10.1.2.3"]),
+            ("Foo::Bar and a::b and 10.0.0.0/99", &["10.0.0.0"]),
+            ("Version 4.15.5.84 and firmware 2.1.0.7", &[]),
         ];
         for (text, expected) in cases {
             assert_eq!(&found(&IpAddress, text), expected, "{text}");

@@ -81,6 +81,42 @@ impl Entity {
     }
 }
 
+impl Entity {
+    /// Which kind a value found by two recognizers is: the kind with the stricter format (an
+    /// IBAN over the phone number read into its digits, an SSN over a phone number that
+    /// starts inside it, `"secret": "a@b.io"` an e-mail address rather than a secret because
+    /// of the word before it), and between kinds as strict the longer finding.
+    fn specificity(self) -> u8 {
+        match self {
+            Entity::Email => 6,
+            Entity::Iban => 5,
+            Entity::CreditCard => 4,
+            Entity::UsSsn => 3,
+            Entity::IpAddress => 2,
+            Entity::Secret => 1,
+            Entity::Phone => 0,
+        }
+    }
+}
+
+/// Drops every finding that overlaps a finding of another, more specific kind.
+pub fn drop_overlapped<T>(findings: &mut Vec<T>, key: impl Fn(&T) -> (Entity, Range<usize>)) {
+    if findings.len() < 2 {
+        return;
+    }
+    let keys: Vec<(Entity, Range<usize>)> = findings.iter().map(&key).collect();
+    let mut index = 0;
+    findings.retain(|_| {
+        let (entity, span) = &keys[index];
+        index += 1;
+        !keys.iter().any(|(other, other_span)| {
+            let overlaps = other != entity && other_span.start < span.end && span.start < other_span.end;
+            let beats = (other.specificity(), other_span.len()) > (entity.specificity(), span.len());
+            overlaps && beats
+        })
+    });
+}
+
 /// Finds one kind of value in text.
 pub trait Recognizer: Send + Sync {
     /// The kind of value found.
@@ -106,7 +142,7 @@ pub(crate) struct NumberRun {
     pub(crate) digits: usize,
     /// A letter or digit sits right before (`A1234`, `GB82 ...`).
     pub(crate) glued_before: bool,
-    /// A letter sits right after (`1234abc`), other than a phone extension (`x12`).
+    /// A letter sits right after (`1234abc`), other than a phone extension (`x12`, `EXT623`).
     pub(crate) glued_after: bool,
 }
 
@@ -129,13 +165,112 @@ impl<'t> Text<'t> {
         self.runs.get_or_init(|| scan_number_runs(self.text))
     }
 
-    /// Runs with `min_digits..=max_digits` digits, not glued to letters.
-    pub(crate) fn number_runs(&self, min_digits: usize, max_digits: usize) -> impl Iterator<Item = Range<usize>> + '_ {
-        self.runs()
-            .iter()
-            .filter(move |run| (min_digits..=max_digits).contains(&run.digits) && !run.glued_before && !run.glued_after)
-            .map(|run| run.span.clone())
+    /// Every value `accept` takes in the number runs: each run whole first, then, when it is
+    /// not one value, its stretches of consecutive digit groups, leftmost first and longest
+    /// first. Lists (`4111 1111 1111 1111 5555 5555 5555 4444`, `123-45-6789 234-56-7890`)
+    /// and a value after an unrelated number (`user_858 (473-15-8188)`) come out one value
+    /// each. A value cut out of a longer run must stand apart from the digits left over next
+    /// to it: by a different separator than its own (`ID 12 415-555-0100`) or a parenthesis;
+    /// sixteen digits inside a 22-digit tracking number written in fours are not a card. A
+    /// group glued to a letter never starts or ends a value. `accept` gets the span (with a
+    /// leading `+`/`(` of its first group) and returns the span to report, if any.
+    pub(crate) fn values_in_runs(
+        &self,
+        min_digits: usize,
+        max_groups: usize,
+        found: &mut Vec<Range<usize>>,
+        mut accept: impl FnMut(Range<usize>) -> Option<Range<usize>>,
+    ) {
+        let bytes = self.text.as_bytes();
+        let mut groups: Vec<Range<usize>> = Vec::new();
+        // Values of the current run: (first group, end group, span).
+        let mut values: Vec<(usize, usize, Range<usize>)> = Vec::new();
+        for run in self.runs() {
+            if run.digits < min_digits {
+                continue;
+            }
+            groups.clear();
+            let mut at = run.span.start;
+            while at < run.span.end {
+                if bytes[at].is_ascii_digit() {
+                    let start = at;
+                    while at < run.span.end && bytes[at].is_ascii_digit() {
+                        at += 1;
+                    }
+                    groups.push(start..at);
+                } else {
+                    at += 1;
+                }
+            }
+            let first = usize::from(run.glued_before);
+            let last = groups.len() - usize::from(run.glued_after);
+            values.clear();
+            let mut i = first;
+            while i < last {
+                let start = if i == 0 {
+                    run.span.start
+                } else {
+                    let mut start = groups[i].start;
+                    if bytes[start - 1] == b'(' {
+                        start -= 1;
+                    }
+                    start
+                };
+                let longest = last.min(i + max_groups);
+                let taken = (i + 1..=longest)
+                    .rev()
+                    .find_map(|j| accept(start..groups[j - 1].end).map(|span| (j, span)));
+                match taken {
+                    Some((j, span)) => {
+                        values.push((i, j, span));
+                        i = j;
+                    }
+                    None => i += 1,
+                }
+            }
+            let covered = |group: usize| values.iter().any(|(a, b, _)| (*a..*b).contains(&group));
+            for (a, b, span) in &values {
+                let inner = groups[*a..*b]
+                    .windows(2)
+                    .next()
+                    .map(|pair| &bytes[pair[0].end..pair[1].start]);
+                let apart =
+                    |between: &[u8]| between.contains(&b'(') || between.contains(&b')') || Some(between) != inner;
+                let before_ok = *a == 0 || covered(a - 1) || apart(&bytes[groups[a - 1].end..groups[*a].start]);
+                let after_ok = *b == groups.len() || covered(*b) || apart(&bytes[groups[b - 1].end..groups[*b].start]);
+                if before_ok && after_ok {
+                    found.push(span.clone());
+                }
+            }
+        }
     }
+}
+
+/// The length of a phone extension right after `end` (`x12`, ` ext. 623`, `EXT623`, `#4`,
+/// ` extension 12`), or 0.
+pub(crate) fn extension_after(bytes: &[u8], end: usize) -> usize {
+    let mut at = end;
+    if bytes.get(at) == Some(&b' ') {
+        at += 1;
+    }
+    let rest = &bytes[at.min(bytes.len())..];
+    let marker = ["extension", "ext.", "ext", "x", "#"]
+        .iter()
+        .find(|marker| rest.len() >= marker.len() && rest[..marker.len()].eq_ignore_ascii_case(marker.as_bytes()));
+    let Some(marker) = marker else { return 0 };
+    at += marker.len();
+    if matches!(bytes.get(at), Some(b' ' | b'.' | b':')) {
+        at += 1;
+    }
+    let digits_start = at;
+    while at < bytes.len() && bytes[at].is_ascii_digit() && at - digits_start < 7 {
+        at += 1;
+    }
+    let digits = at - digits_start;
+    if !(1..=6).contains(&digits) || bytes.get(at).is_some_and(u8::is_ascii_alphanumeric) {
+        return 0;
+    }
+    at - end
 }
 
 /// Position of the next ASCII digit at or after `from`: eight bytes at a time, since most
@@ -197,7 +332,7 @@ fn scan_number_runs(text: &str) -> Vec<NumberRun> {
             i += 1;
         }
         at = i.max(start_digit + 1);
-        let extension = bytes.get(end) == Some(&b'x') && bytes.get(end + 1).is_some_and(u8::is_ascii_digit);
+        let extension = extension_after(bytes, end) > 0;
         runs.push(NumberRun {
             span: start..end,
             digits,
@@ -236,7 +371,12 @@ mod tests {
     fn number_runs_stop_at_letters_and_double_separators() {
         let text = "call (415) 555-0100 or +44 20 7946 0958, order A12345, 2024-03-15  10:22";
         let scan = Text::new(text);
-        let runs: Vec<&str> = scan.number_runs(3, usize::MAX).map(|span| &text[span]).collect();
+        let runs: Vec<&str> = scan
+            .runs()
+            .iter()
+            .filter(|run| run.digits >= 3 && !run.glued_before && !run.glued_after)
+            .map(|run| &text[run.span.clone()])
+            .collect();
         assert_eq!(runs, vec!["(415) 555-0100", "+44 20 7946 0958", "2024-03-15"]);
     }
 }

@@ -1,65 +1,360 @@
-//! Credentials: AWS access key ids, OpenAI/Anthropic-style `sk-` keys, Stripe keys, GitHub
-//! and GitLab tokens, Slack tokens, Google API keys, JWTs and PEM private key blocks. One
-//! literal automaton finds every known prefix in a single pass; each hit is then checked
-//! against the full format, anchored where the prefix starts.
+//! Credentials, from the token formats the providers document: AWS access key ids (and the
+//! secret access key written next to one), OpenAI/Anthropic-style `sk-` keys, Stripe secret,
+//! restricted and webhook keys, GitHub classic, fine-grained and app tokens, every GitLab
+//! token prefix, every Slack token kind and webhook URL, Google, Hugging Face, npm, PyPI,
+//! SendGrid, Twilio, DigitalOcean, Shopify, Databricks and other AI-provider keys, JWTs and PEM
+//! private key blocks; then `api_key=`/`password:`/`Authorization: Bearer` assignments whose
+//! value looks random, and user:password credentials in URLs.
+//!
+//! One literal automaton finds every known prefix and assignment word in a single pass; each
+//! hit is then checked against the full format, anchored where it starts. Placeholders
+//! (`xxxx`, `EXAMPLE`, `<your-key>`, `${TOKEN}`, repeated characters, low entropy) are not
+//! secrets.
 
 use super::{Entity, Recognizer, Text};
 use aho_corasick::{AhoCorasick, MatchKind};
 use regex::Regex;
 use std::ops::Range;
 
-/// Prefix and the anchored format of the whole token.
-const FORMATS: &[(&str, &str)] = &[
-    ("AKIA", r"^AKIA[0-9A-Z]{16}"),
-    ("ASIA", r"^ASIA[0-9A-Z]{16}"),
-    ("sk-", r"^sk-[A-Za-z0-9_\-]{20,}"),
-    ("sk_live_", r"^sk_live_[0-9A-Za-z]{16,}"),
-    ("sk_test_", r"^sk_test_[0-9A-Za-z]{16,}"),
-    ("rk_live_", r"^rk_live_[0-9A-Za-z]{16,}"),
-    ("ghp_", r"^ghp_[A-Za-z0-9]{36,}"),
-    ("gho_", r"^gho_[A-Za-z0-9]{36,}"),
-    ("ghu_", r"^ghu_[A-Za-z0-9]{36,}"),
-    ("ghs_", r"^ghs_[A-Za-z0-9]{36,}"),
-    ("ghr_", r"^ghr_[A-Za-z0-9]{36,}"),
-    ("github_pat_", r"^github_pat_[A-Za-z0-9_]{22,}"),
-    ("glpat-", r"^glpat-[A-Za-z0-9_\-]{20,}"),
-    ("xoxb-", r"^xoxb-[A-Za-z0-9\-]{10,}"),
-    ("xoxp-", r"^xoxp-[A-Za-z0-9\-]{10,}"),
-    ("xoxa-", r"^xoxa-[A-Za-z0-9\-]{10,}"),
-    ("AIza", r"^AIza[0-9A-Za-z_\-]{35}"),
-    ("eyJ", r"^eyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*"),
+/// What a literal hit starts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Check {
+    /// A token of a fixed format.
+    Token,
+    /// A token whose format alone admits words (`sk-learn-...`): its body must look random.
+    RandomToken,
+    /// An AWS access key id: a secret access key may follow or precede it.
+    AwsKeyId,
+    /// A word such as `api_key` or `password` that a value may be assigned to.
+    Assignment,
+    /// `Bearer` or `Basic` in an `Authorization` header.
+    AuthScheme,
+    /// `://` of a URL that may carry `user:password@`.
+    Url,
+}
+
+/// Literal, what it starts, and the anchored format of the whole token (for tokens).
+#[rustfmt::skip]
+const LITERALS: &[(&str, Check, &str)] = &[
+    // AWS (IAM identifiers: long-term and temporary access keys).
+    ("AKIA", Check::AwsKeyId, r"^AKIA[0-9A-Z]{16}"),
+    ("ASIA", Check::AwsKeyId, r"^ASIA[0-9A-Z]{16}"),
+    ("ABIA", Check::AwsKeyId, r"^ABIA[0-9A-Z]{16}"),
+    ("ACCA", Check::AwsKeyId, r"^ACCA[0-9A-Z]{16}"),
+    // OpenAI, Anthropic and other `sk-` keys.
+    ("sk-", Check::RandomToken, r"^sk-[A-Za-z0-9_\-]{20,}"),
+    // Stripe.
+    ("sk_live_", Check::Token, r"^sk_live_[0-9A-Za-z]{16,}"),
+    ("sk_test_", Check::Token, r"^sk_test_[0-9A-Za-z]{16,}"),
+    ("rk_live_", Check::Token, r"^rk_live_[0-9A-Za-z]{16,}"),
+    ("rk_test_", Check::Token, r"^rk_test_[0-9A-Za-z]{16,}"),
+    ("whsec_", Check::Token, r"^whsec_[A-Za-z0-9+/=]{24,}"),
+    // GitHub.
+    ("ghp_", Check::Token, r"^ghp_[A-Za-z0-9]{36,}"),
+    ("gho_", Check::Token, r"^gho_[A-Za-z0-9]{36,}"),
+    ("ghu_", Check::Token, r"^ghu_[A-Za-z0-9]{36,}"),
+    ("ghs_", Check::Token, r"^ghs_[A-Za-z0-9]{36,}"),
+    ("ghr_", Check::Token, r"^ghr_[A-Za-z0-9]{36,}"),
+    ("github_pat_", Check::Token, r"^github_pat_[A-Za-z0-9_]{22,}"),
+    // GitLab (its documented token prefixes).
+    ("glpat-", Check::Token, r"^glpat-[A-Za-z0-9_\-.]{20,}"),
+    ("gldt-", Check::Token, r"^gldt-[A-Za-z0-9_\-]{20,}"),
+    ("glrt-", Check::Token, r"^glrt-[A-Za-z0-9_\-.]{20,}"),
+    ("glrtr-", Check::Token, r"^glrtr-[A-Za-z0-9_\-]{20,}"),
+    ("glcbt-", Check::Token, r"^glcbt-[A-Za-z0-9_\-]{20,}"),
+    ("glptt-", Check::Token, r"^glptt-[A-Za-z0-9_\-]{20,}"),
+    ("glft-", Check::Token, r"^glft-[A-Za-z0-9_\-]{20,}"),
+    ("glimt-", Check::Token, r"^glimt-[A-Za-z0-9_\-]{20,}"),
+    ("glagent-", Check::Token, r"^glagent-[A-Za-z0-9_\-]{20,}"),
+    ("glsoat-", Check::Token, r"^glsoat-[A-Za-z0-9_\-]{20,}"),
+    ("glffct-", Check::Token, r"^glffct-[A-Za-z0-9_\-]{20,}"),
+    ("gloas-", Check::Token, r"^gloas-[A-Za-z0-9_\-]{20,}"),
+    ("glwt-", Check::Token, r"^glwt-[A-Za-z0-9_\-]{20,}"),
+    ("GR1348941", Check::Token, r"^GR1348941[A-Za-z0-9_\-]{20,}"),
+    // Slack (bot, user, app, refresh, configuration, session and client tokens; webhooks).
+    ("xoxb-", Check::Token, r"^xoxb-[A-Za-z0-9\-]{10,}"),
+    ("xoxp-", Check::Token, r"^xoxp-[A-Za-z0-9\-]{10,}"),
+    ("xoxa-", Check::Token, r"^xoxa-[A-Za-z0-9\-]{10,}"),
+    ("xoxr-", Check::Token, r"^xoxr-[A-Za-z0-9\-]{10,}"),
+    ("xoxs-", Check::Token, r"^xoxs-[A-Za-z0-9\-]{10,}"),
+    ("xoxc-", Check::Token, r"^xoxc-[A-Za-z0-9\-]{10,}"),
+    ("xoxd-", Check::Token, r"^xoxd-[A-Za-z0-9%\-]{10,}"),
+    ("xoxe-", Check::Token, r"^xoxe-[A-Za-z0-9\-]{10,}"),
+    ("xoxe.", Check::Token, r"^xoxe\.xox[a-z]-[A-Za-z0-9\-]{10,}"),
+    ("xapp-", Check::Token, r"^xapp-[A-Za-z0-9\-]{10,}"),
+    ("hooks.slack.com/", Check::Token, r"^hooks\.slack\.com/(services|workflows|triggers)/[A-Za-z0-9_\-]+/[A-Za-z0-9_/\-]{8,}"),
+    // Google.
+    ("AIza", Check::Token, r"^AIza[0-9A-Za-z_\-]{35}"),
+    ("GOCSPX-", Check::Token, r"^GOCSPX-[A-Za-z0-9_\-]{24,}"),
+    ("ya29.", Check::Token, r"^ya29\.[0-9A-Za-z_\-]{20,}"),
+    // Other services and AI providers.
+    ("hf_", Check::Token, r"^hf_[A-Za-z]{34}"),
+    ("npm_", Check::Token, r"^npm_[A-Za-z0-9]{36}"),
+    ("pypi-AgE", Check::Token, r"^pypi-AgE[A-Za-z0-9_\-]{50,}"),
+    ("SG.", Check::Token, r"^SG\.[A-Za-z0-9_\-]{22}\.[A-Za-z0-9_\-]{43}"),
+    ("dop_v1_", Check::Token, r"^do[por]_v1_[a-f0-9]{64}"),
+    ("doo_v1_", Check::Token, r"^do[por]_v1_[a-f0-9]{64}"),
+    ("dor_v1_", Check::Token, r"^do[por]_v1_[a-f0-9]{64}"),
+    ("shpat_", Check::Token, r"^shpat_[a-fA-F0-9]{32}"),
+    ("shpss_", Check::Token, r"^shpss_[a-fA-F0-9]{32}"),
+    ("shpca_", Check::Token, r"^shpca_[a-fA-F0-9]{32}"),
+    ("shppa_", Check::Token, r"^shppa_[a-fA-F0-9]{32}"),
+    ("dapi", Check::Token, r"^dapi[a-f0-9]{32}"),
+    ("gsk_", Check::RandomToken, r"^gsk_[A-Za-z0-9]{48}"),
+    ("r8_", Check::RandomToken, r"^r8_[A-Za-z0-9]{37}"),
+    ("xai-", Check::RandomToken, r"^xai-[A-Za-z0-9]{70,}"),
+    ("pplx-", Check::RandomToken, r"^pplx-[A-Za-z0-9]{40,}"),
+    ("lin_api_", Check::RandomToken, r"^lin_api_[A-Za-z0-9]{40}"),
+    ("PMAK-", Check::Token, r"^PMAK-[a-f0-9]{24}-[a-f0-9]{34}"),
+    ("AGE-SECRET-KEY-1", Check::Token, r"^AGE-SECRET-KEY-1[0-9A-Z]{58}"),
+    ("eyJ", Check::Token, r"^eyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]*"),
     // A block without its end line (cut off, or still streaming) is taken to the end.
     (
         "-----BEGIN",
+        Check::Token,
         r"^-----BEGIN ([A-Z0-9]+ )*PRIVATE KEY( BLOCK)?-----(?s:.*?)(-----END ([A-Z0-9]+ )*PRIVATE KEY( BLOCK)?-----|\z)",
     ),
+    // Assignments: the value is checked, not the word.
+    ("api_key", Check::Assignment, ""), ("API_KEY", Check::Assignment, ""), ("apiKey", Check::Assignment, ""),
+    ("ApiKey", Check::Assignment, ""), ("apikey", Check::Assignment, ""), ("APIKEY", Check::Assignment, ""),
+    ("api-key", Check::Assignment, ""), ("Api-Key", Check::Assignment, ""), ("X-API-KEY", Check::Assignment, ""),
+    ("secret", Check::Assignment, ""), ("SECRET", Check::Assignment, ""), ("Secret", Check::Assignment, ""),
+    ("token", Check::Assignment, ""), ("TOKEN", Check::Assignment, ""), ("Token", Check::Assignment, ""),
+    ("password", Check::Assignment, ""), ("PASSWORD", Check::Assignment, ""), ("Password", Check::Assignment, ""),
+    ("passwd", Check::Assignment, ""), ("PASSWD", Check::Assignment, ""), ("pwd", Check::Assignment, ""),
+    ("PWD", Check::Assignment, ""), ("access_key", Check::Assignment, ""), ("ACCESS_KEY", Check::Assignment, ""),
+    ("private_key", Check::Assignment, ""), ("PRIVATE_KEY", Check::Assignment, ""), ("credential", Check::Assignment, ""),
+    ("Bearer ", Check::AuthScheme, ""), ("bearer ", Check::AuthScheme, ""), ("Basic ", Check::AuthScheme, ""),
+    ("://", Check::Url, ""),
 ];
 
 /// Recognizes credentials.
 #[derive(Debug)]
 pub struct Secret {
-    prefixes: AhoCorasick,
-    formats: Vec<Regex>,
+    literals: AhoCorasick,
+    formats: Vec<Option<Regex>>,
+    assignment: Regex,
+    aws_secret: Regex,
 }
 
 impl Secret {
-    /// Compiles the prefix automaton and the formats.
+    /// Compiles the literal automaton and the formats.
     pub fn new() -> Self {
-        let prefixes = AhoCorasick::builder()
+        let literals = AhoCorasick::builder()
             .match_kind(MatchKind::LeftmostLongest)
-            .build(FORMATS.iter().map(|(prefix, _)| prefix))
-            .expect("the built-in prefixes compile");
-        let formats = FORMATS
+            .build(LITERALS.iter().map(|(literal, _, _)| literal))
+            .expect("the built-in literals compile");
+        let formats = LITERALS
             .iter()
-            .map(|(_, format)| Regex::new(format).expect("the built-in formats compile"))
+            .map(|(_, _, format)| {
+                (!format.is_empty()).then(|| Regex::new(format).expect("the built-in formats compile"))
+            })
             .collect();
-        Self { prefixes, formats }
+        Self {
+            literals,
+            formats,
+            // After the word: the rest of an identifier (`OPENAI_API_KEY`, `db_password`), a
+            // closing quote, `=`, `:`, `=>` or `:=`, an opening quote, then the value.
+            assignment: Regex::new(
+                r#"^[A-Za-z0-9_\-]{0,24}["']?\s{0,4}(?:=>|:=|=|:)\s{0,4}["'`]?([^\s"'`,;<>(){}\[\]]{8,200})"#,
+            )
+            .expect("the assignment format compiles"),
+            aws_secret: Regex::new(r"(?:^|[^A-Za-z0-9/+=])([A-Za-z0-9/+]{40})(?:$|[^A-Za-z0-9/+=])")
+                .expect("the AWS secret format compiles"),
+        }
     }
 }
 
 impl Default for Secret {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Shannon entropy of `value`, in bits per character.
+fn entropy(value: &str) -> f64 {
+    let mut counts = [0u32; 256];
+    for b in value.bytes() {
+        counts[usize::from(b)] += 1;
+    }
+    let len = value.len() as f64;
+    counts
+        .iter()
+        .filter(|c| **c > 0)
+        .map(|c| {
+            let p = f64::from(*c) / len;
+            -p * p.log2()
+        })
+        .sum()
+}
+
+/// Documentation values, template variables and filler.
+fn placeholder(value: &str) -> bool {
+    let lower = value.to_ascii_lowercase();
+    const WORDS: &[&str] = &[
+        "example",
+        "xxxx",
+        "your",
+        "placeholder",
+        "changeme",
+        "change_me",
+        "dummy",
+        "redacted",
+        "sample",
+        "****",
+        "...",
+        "${",
+        "{{",
+        "<",
+        "%s",
+        "replace",
+        "insert",
+        "fake",
+        "1234567890",
+        "abcdef",
+    ];
+    let distinct = {
+        let mut seen = [false; 256];
+        value
+            .bytes()
+            .filter(|b| !std::mem::replace(&mut seen[usize::from(*b)], true))
+            .count()
+    };
+    WORDS.iter().any(|word| lower.contains(word)) || distinct <= 3
+}
+
+/// The letter and digit classes (lower, upper, digit) present.
+fn classes(value: &str) -> usize {
+    let bytes = value.bytes();
+    let mut seen = [false; 4];
+    for b in bytes {
+        let class = match b {
+            b'a'..=b'z' => 0,
+            b'A'..=b'Z' => 1,
+            b'0'..=b'9' => 2,
+            _ => 3,
+        };
+        seen[class] = class < 3;
+    }
+    seen.iter().filter(|s| **s).count()
+}
+
+/// A value a machine chose to be hard to guess: letters and digits, high entropy (a word
+/// such as `Authorization` has no digit).
+fn looks_random(value: &str) -> bool {
+    let bits = entropy(value);
+    !placeholder(value)
+        && classes(value) >= 2
+        && value.bytes().any(|b| b.is_ascii_digit())
+        && bits >= 3.0
+        && bits * value.len() as f64 >= 36.0
+}
+
+/// A password is shorter and less random than a key, but still not a word or a variable:
+/// letters with digits or symbols.
+fn looks_like_password(value: &str) -> bool {
+    let letters = value.bytes().any(|b| b.is_ascii_alphabetic());
+    let others = value.bytes().any(|b| !b.is_ascii_alphabetic());
+    !placeholder(value) && letters && others && value.len() >= 8 && entropy(value) >= 2.5
+}
+
+/// Code that reads a secret, not a secret (`os.environ["KEY"]`, `process.env.TOKEN`).
+fn reference(value: &str) -> bool {
+    value.starts_with('$')
+        || value.contains("env.")
+        || value.contains("environ")
+        || value.contains("getenv")
+        || value.contains("secrets.")
+        || value.ends_with(".")
+}
+
+impl Secret {
+    fn token(&self, text: &str, start: usize, literal: usize, check: Check) -> Option<Range<usize>> {
+        let bytes = text.as_bytes();
+        let format = self.formats[literal].as_ref()?;
+        let token = format.find(&text[start..])?;
+        let end = start + token.end();
+        let body = &token.as_str()[LITERALS[literal].0.len()..];
+        // A word glued to the end is a longer identifier, not this token.
+        let glued = bytes.get(end).is_some_and(|b| b.is_ascii_alphanumeric()) && !token.as_str().starts_with("-----");
+        let fake = placeholder(body) || (check == Check::RandomToken && !looks_random(body));
+        (!glued && !fake).then_some(start..end)
+    }
+
+    /// The value assigned after the word that ends at `end`.
+    fn assigned_value(&self, text: &str, word: &str, end: usize) -> Option<Range<usize>> {
+        let captures = self.assignment.captures(&text[end..])?;
+        let value = captures.get(1)?;
+        let span = end + value.start()..end + value.end();
+        let value = value.as_str().trim_end_matches(['.', '!', '?']);
+        let span = span.start..span.start + value.len();
+        let lower = word.to_ascii_lowercase();
+        let ok = if lower.starts_with("pass") || lower == "pwd" {
+            looks_like_password(value)
+        } else {
+            looks_random(value)
+        };
+        (ok && !reference(value)).then_some(span)
+    }
+
+    /// `Bearer <token>` or `Basic <base64>` after `end`.
+    fn auth_value(text: &str, end: usize) -> Option<Range<usize>> {
+        let rest = &text[end..];
+        let len = rest
+            .bytes()
+            .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'+' | b'/' | b'='))
+            .count();
+        let value = rest[..len].trim_end_matches('.');
+        (value.len() >= 16 && looks_random(value) && !reference(value)).then_some(end..end + value.len())
+    }
+
+    /// `user:password@` after `scheme://` at `at`.
+    fn url_credentials(text: &str, at: usize) -> Option<Range<usize>> {
+        let bytes = text.as_bytes();
+        if at == 0 || !bytes[at - 1].is_ascii_alphanumeric() {
+            return None;
+        }
+        let start = at + 3;
+        let userinfo = bytes[start..]
+            .iter()
+            .take(256)
+            .take_while(|b| !b.is_ascii_whitespace() && !matches!(b, b'/' | b'@' | b'"' | b'\'' | b'<' | b'>'))
+            .count();
+        let end = start + userinfo;
+        if bytes.get(end) != Some(&b'@') || !bytes.get(end + 1).is_some_and(|b| b.is_ascii_alphanumeric()) {
+            return None;
+        }
+        let (user, password) = text[start..end].split_once(':')?;
+        let fake = user.is_empty()
+            || password.is_empty()
+            || placeholder(password)
+            || matches!(
+                password.to_ascii_lowercase().as_str(),
+                "password" | "pass" | "secret" | "pwd"
+            );
+        (!fake).then_some(start..end)
+    }
+
+    /// A 40-character AWS secret access key within a few lines of an access key id.
+    fn aws_secret_near(&self, text: &str, key_id: &Range<usize>, found: &mut Vec<Range<usize>>) {
+        let mut from = key_id.start.saturating_sub(300);
+        while !text.is_char_boundary(from) {
+            from -= 1;
+        }
+        let mut to = (key_id.end + 300).min(text.len());
+        while !text.is_char_boundary(to) {
+            to += 1;
+        }
+        for captures in self.aws_secret.captures_iter(&text[from..to]) {
+            let value = captures.get(1).expect("the key is captured");
+            let span = from + value.start()..from + value.end();
+            if span.start >= key_id.end || span.end <= key_id.start {
+                let key = value.as_str();
+                if looks_random(key) && classes(key) >= 3 && entropy(key) >= 4.0 {
+                    found.push(span);
+                }
+            }
+        }
     }
 }
 
@@ -71,19 +366,41 @@ impl Recognizer for Secret {
     fn find(&self, scan: &Text<'_>, found: &mut Vec<Range<usize>>) {
         let text = scan.as_str();
         let bytes = text.as_bytes();
+        let from = found.len();
         let mut resume = 0;
-        for hit in self.prefixes.find_iter(text) {
+        for hit in self.literals.find_iter(text) {
             let start = hit.start();
-            if start < resume || (start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_')) {
+            let literal = hit.pattern().as_usize();
+            let (word, check, _) = LITERALS[literal];
+            let glued_before = start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+            if start < resume {
                 continue;
             }
-            if let Some(token) = self.formats[hit.pattern().as_usize()].find(&text[start..]) {
-                let end = start + token.end();
-                // A word glued to the end is a longer identifier, not this token.
-                if !bytes.get(end).is_some_and(|b| b.is_ascii_alphanumeric()) || token.as_str().starts_with("-----") {
-                    found.push(start..end);
-                    resume = end;
+            let span = match check {
+                Check::Token | Check::RandomToken | Check::AwsKeyId if !glued_before => {
+                    self.token(text, start, literal, check)
                 }
+                Check::Assignment => self.assigned_value(text, word, hit.end()),
+                Check::AuthScheme if !glued_before => Self::auth_value(text, hit.end()),
+                Check::Url => Self::url_credentials(text, start),
+                _ => None,
+            };
+            if let Some(span) = span {
+                if check == Check::AwsKeyId {
+                    self.aws_secret_near(text, &span, found);
+                }
+                resume = span.end;
+                found.push(span);
+            }
+        }
+        // A secret key found next to its id may come before it: keep the spans in order.
+        let mut spans = found.split_off(from);
+        spans.sort_by_key(|span| span.start);
+        let mut kept_end = 0;
+        for span in spans {
+            if span.start >= kept_end {
+                kept_end = span.end;
+                found.push(span);
             }
         }
     }
@@ -99,26 +416,70 @@ mod tests {
         let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U";
         let pem = "-----BEGIN RSA PRIVATE KEY-----\nMIIEow\nAAA=\n-----END RSA PRIVATE KEY-----";
         let cases: Vec<(String, Vec<&str>)> = vec![
-            ("key AKIAIOSFODNN7EXAMPLE.".into(), vec!["AKIAIOSFODNN7EXAMPLE"]),
+            ("key AKIAZ3MHQ2XKJ4WV7PLN.".into(), vec!["AKIAZ3MHQ2XKJ4WV7PLN"]),
+            // AWS documentation's example key and other placeholders are not secrets.
+            ("key AKIAIOSFODNN7EXAMPLE.".into(), vec![]),
+            ("api_key = \"xxxxxxxxxxxxxxxxxxxx\" and token: <your-token-here>".into(), vec![]),
+            ("password: ${DB_PASSWORD} and API_KEY=os.environ['API_KEY']".into(), vec![]),
+            ("sk-learn-is-a-machine-learning-library".into(), vec![]),
+            // The secret access key next to its id.
             (
-                "use sk-proj-abcdefghijklmnopqrstuvwx12".into(),
-                vec!["sk-proj-abcdefghijklmnopqrstuvwx12"],
+                "aws_access_key_id=AKIAZ3MHQ2XKJ4WV7PLN\naws_secret_access_key=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".into(),
+                vec!["AKIAZ3MHQ2XKJ4WV7PLN", "q8Rz4LmT2vXw9Kp1Yb7Nc3Hd6Fg0Js5Ua8Ei2Oo4"],
+            ),
+            // Provider formats.
+            (
+                "gldt-Ab3dEf5hIj7kLm9nOp1q glrt-Zx8cVb6nMq4wEr2tYu0i GR1348941aB3cD5eF7gH9iJ1kL3mN".into(),
+                vec!["gldt-Ab3dEf5hIj7kLm9nOp1q", "glrt-Zx8cVb6nMq4wEr2tYu0i", "GR1348941aB3cD5eF7gH9iJ1kL3mN"],
             ),
             (
-                "sk-ant-api03-abcdefghijklmnopqrstuvwxyz".into(),
-                vec!["sk-ant-api03-abcdefghijklmnopqrstuvwxyz"],
+                "xapp-1-A04QX7ZL2KP-6120394857261-9c4e7b1fa83d5062 and https://hooks.slack.com/services/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".into(),
+                vec![
+                    "xapp-1-A04QX7ZL2KP-6120394857261-9c4e7b1fa83d5062",
+                    "hooks.slack.com/services/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",
+                ],
             ),
             (
-                "ghp_abcdefghijklmnopqrstuvwxyz0123456789 x".into(),
-                vec!["ghp_abcdefghijklmnopqrstuvwxyz0123456789"],
+                "rk_live_4eC39HqLyjWDarjtT1zdp7dc github_pat_21QCvpmFO7274743415_HRWYlZpkpmVxKGmZRWFnTtqavz3685998449TtJhsEKGjFRYOYkmnPRZBiA".into(),
+                vec![
+                    "rk_live_4eC39HqLyjWDarjtT1zdp7dc",
+                    "github_pat_21QCvpmFO7274743415_HRWYlZpkpmVxKGmZRWFnTtqavz3685998449TtJhsEKGjFRYOYkmnPRZBiA",
+                ],
+            ),
+            // Assignments and headers with random-looking values.
+            (
+                "OPENAI_API_KEY=Zq3vT8mW1xR6kP9s and password: \"Tr0ub4dor&3x\"".into(),
+                vec!["Zq3vT8mW1xR6kP9s", "Tr0ub4dor&3x"],
             ),
             (
-                "AIzaSyA-1234567890abcdefghijklmnopqrstu".into(),
-                vec!["AIzaSyA-1234567890abcdefghijklmnopqrstu"],
+                "Authorization: Bearer 9f8Kq2LmX4vT7wR1zP5n".into(),
+                vec!["9f8Kq2LmX4vT7wR1zP5n"],
+            ),
+            ("the token: required and password: yes".into(), vec![]),
+            // Credentials in URLs.
+            (
+                "postgres://admin:S3cr3tPa55@db.internal:5432/app and https://user:password@example.com".into(),
+                vec!["admin:S3cr3tPa55"],
             ),
             (
-                "xoxb-123456789012-abcdefghij".into(),
-                vec!["xoxb-123456789012-abcdefghij"],
+                "use sk-proj-aGJJDJgaXMXqBVzENJEAYjol25".into(),
+                vec!["sk-proj-aGJJDJgaXMXqBVzENJEAYjol25"],
+            ),
+            (
+                "sk-ant-api03-ewvfMrwUkzSAGAVHTarBZVcKqz".into(),
+                vec!["sk-ant-api03-ewvfMrwUkzSAGAVHTarBZVcKqz"],
+            ),
+            (
+                "ghp_WHaiXSfEzzlyAirTzRSxjvvUNt2680962296 x".into(),
+                vec!["ghp_WHaiXSfEzzlyAirTzRSxjvvUNt2680962296"],
+            ),
+            (
+                "AIzaSyA-8791394858EfFjEjFfpPfIwnYOzYLIR".into(),
+                vec!["AIzaSyA-8791394858EfFjEjFfpPfIwnYOzYLIR"],
+            ),
+            (
+                "xoxb-470158282341-kKSYoitgLx".into(),
+                vec!["xoxb-470158282341-kKSYoitgLx"],
             ),
             (format!("token {jwt} ok"), vec![jwt]),
             (format!("{pem}\nmore"), vec![pem]),

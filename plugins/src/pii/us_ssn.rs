@@ -1,5 +1,7 @@
-//! US social security numbers written `AAA-GG-SSSS` or `AAA GG SSSS`, excluding numbers the
-//! SSA never issues: area 000, 666 or 900-999, group 00, serial 0000.
+//! US social security numbers written `AAA-GG-SSSS`, `AAA GG SSSS`, `AAA.GG.SSSS` or
+//! `AAA/GG/SSSS` (one separator kind), or as nine plain digits right after an SSN word,
+//! excluding numbers the SSA never issues: area 000, 666 or 900-999, group 00, serial 0000.
+//! Context words are extra evidence, never required for the separated forms.
 
 use super::{digit_groups, Entity, Recognizer, Text};
 use std::ops::Range;
@@ -8,6 +10,46 @@ use std::ops::Range;
 #[derive(Debug, Default)]
 pub struct UsSsn;
 
+/// Words that make nine plain digits an SSN.
+const SSN_CONTEXT: &[&str] = &["ssn", "social security", "social sec", "ss#", "ss #"];
+
+fn issued(area: u32, group: u32, serial: u32) -> bool {
+    area != 0 && area != 666 && area < 900 && group != 0 && serial != 0
+}
+
+fn in_context(text: &str, start: usize) -> bool {
+    let mut from = start.saturating_sub(32);
+    while !text.is_char_boundary(from) {
+        from -= 1;
+    }
+    let before = text[from..start].to_ascii_lowercase();
+    SSN_CONTEXT.iter().any(|word| before.contains(word))
+}
+
+fn is_ssn(text: &str, span: Range<usize>) -> Option<Range<usize>> {
+    let candidate = text[span.clone()].trim_start_matches('(');
+    let start = span.end - candidate.len();
+    let bytes = candidate.as_bytes();
+    if !bytes[0].is_ascii_digit() {
+        return None;
+    }
+    let digits: String = match digit_groups(candidate).as_slice() {
+        [3, 2, 4] => {
+            let separator = bytes[3];
+            if !matches!(separator, b'-' | b' ' | b'.' | b'/') || bytes[6] != separator {
+                return None;
+            }
+            candidate.bytes().filter(u8::is_ascii_digit).map(char::from).collect()
+        }
+        [9] if in_context(text, start) => candidate.to_string(),
+        _ => return None,
+    };
+    let area: u32 = digits[0..3].parse().ok()?;
+    let group: u32 = digits[3..5].parse().ok()?;
+    let serial: u32 = digits[5..9].parse().ok()?;
+    issued(area, group, serial).then_some(start..span.end)
+}
+
 impl Recognizer for UsSsn {
     fn entity(&self) -> Entity {
         Entity::UsSsn
@@ -15,25 +57,7 @@ impl Recognizer for UsSsn {
 
     fn find(&self, scan: &Text<'_>, found: &mut Vec<Range<usize>>) {
         let text = scan.as_str();
-        for run in scan.number_runs(9, 9) {
-            // `(123-45-6789)`: the run starts at the parenthesis.
-            let candidate = text[run.clone()].trim_start_matches('(');
-            let start = run.end - candidate.len();
-            if digit_groups(candidate) != [3, 2, 4] || !candidate.as_bytes()[0].is_ascii_digit() {
-                continue;
-            }
-            let separator = candidate.as_bytes()[3];
-            if !matches!(separator, b'-' | b' ') || candidate.as_bytes()[6] != separator {
-                continue;
-            }
-            let area: u32 = candidate[0..3].parse().unwrap_or(0);
-            let group: u32 = candidate[4..6].parse().unwrap_or(0);
-            let serial: u32 = candidate[7..11].parse().unwrap_or(0);
-            if area == 0 || area == 666 || area >= 900 || group == 0 || serial == 0 {
-                continue;
-            }
-            found.push(start..run.end);
-        }
+        scan.values_in_runs(9, 3, found, |span| is_ssn(text, span));
     }
 }
 
@@ -51,6 +75,13 @@ mod tests {
             ("000-12-3456 666-12-3456 912-12-3456", &[]),
             ("123-00-4567 123-45-0000", &[]),
             ("123-45 6789 and 123456789", &[]),
+            ("259.09.7319 and 259/09/7319", &["259.09.7319", "259/09/7319"]),
+            ("SSN: 259097319", &["259097319"]),
+            ("user_858 (473-15-8188)", &["473-15-8188"]),
+            (
+                "259-09-7319 215-37-2970\n473 15 8188",
+                &["259-09-7319", "215-37-2970", "473 15 8188"],
+            ),
             ("call 415-555-0100", &[]),
         ];
         for (text, expected) in cases {
