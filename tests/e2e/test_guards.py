@@ -89,6 +89,14 @@ RECOGNIZER_CASES = [
     ("jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.c2lnbmF0dXJlX2hlcmU end", "jwt [SECRET] end"),
     ("-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBg\n-----END PRIVATE KEY----- done", "[SECRET] done"),
     ("task-sk-1 and AKIA123", "task-sk-1 and AKIA123"),
+    # issue 18 classes: adjacent values, brands, layouts, forms and placeholders
+    ("4111 1111 1111 1111 5555 5555 5555 4444", "[CREDIT_CARD] [CREDIT_CARD]"),
+    ("user_858 (473-15-8188) and mir 2200 0000 0000 0004", "user_858 ([US_SSN]) and mir [CREDIT_CARD]"),
+    ("+1 (425) 882-9090 EXT623 or 030/12345678", "[PHONE] or [PHONE]"),
+    ("loopback ::1 and fe80::1%eth0", "loopback [IP_ADDRESS] and [IP_ADDRESS]"),
+    ("write josé.garcía@correo.es", "write [EMAIL]"),
+    ("key AKIAIOSFODNN7EXAMPLE and api_key=YOUR_API_KEY", "key AKIAIOSFODNN7EXAMPLE and api_key=YOUR_API_KEY"),
+    ("postgres://admin:S3cr3tPa55@db.internal/app", "postgres://[SECRET]@db.internal/app"),
 ]
 
 

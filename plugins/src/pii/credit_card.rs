@@ -130,7 +130,7 @@ impl Recognizer for CreditCard {
 
     fn find(&self, scan: &Text<'_>, found: &mut Vec<Range<usize>>) {
         let text = scan.as_str();
-        scan.values_in_runs(12, 5, found, |span| {
+        scan.values_in_runs(12..=19, 5, found, |span| {
             let candidate = text[span.clone()].trim_start_matches(['+', '(']);
             let start = span.end - candidate.len();
             (is_card(candidate) && !short_plain_needs_context(text, start, candidate)).then_some(start..span.end)

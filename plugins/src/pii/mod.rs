@@ -176,7 +176,7 @@ impl<'t> Text<'t> {
     /// leading `+`/`(` of its first group) and returns the span to report, if any.
     pub(crate) fn values_in_runs(
         &self,
-        min_digits: usize,
+        digits: std::ops::RangeInclusive<usize>,
         max_groups: usize,
         found: &mut Vec<Range<usize>>,
         mut accept: impl FnMut(Range<usize>) -> Option<Range<usize>>,
@@ -186,7 +186,7 @@ impl<'t> Text<'t> {
         // Values of the current run: (first group, end group, span).
         let mut values: Vec<(usize, usize, Range<usize>)> = Vec::new();
         for run in self.runs() {
-            if run.digits < min_digits {
+            if run.digits < *digits.start() {
                 continue;
             }
             groups.clear();
@@ -217,9 +217,15 @@ impl<'t> Text<'t> {
                     start
                 };
                 let longest = last.min(i + max_groups);
-                let taken = (i + 1..=longest)
-                    .rev()
-                    .find_map(|j| accept(start..groups[j - 1].end).map(|span| (j, span)));
+                // Only stretches with a possible number of digits are offered (most are not).
+                let taken = (i + 1..=longest).rev().find_map(|j| {
+                    let count: usize = groups[i..j].iter().map(|g| g.len()).sum();
+                    if digits.contains(&count) {
+                        accept(start..groups[j - 1].end).map(|span| (j, span))
+                    } else {
+                        None
+                    }
+                });
                 match taken {
                     Some((j, span)) => {
                         values.push((i, j, span));

@@ -170,20 +170,18 @@ fn trunk_layout(groups: &[usize], digits: &[u8]) -> bool {
 
 /// One run of digits with nothing between them.
 fn bare_number(text: &str, start: usize, digits: &[u8]) -> bool {
-    let before = words_before(text, start);
-    if has_phone_context(&before) && (9..=13).contains(&digits.len()) {
-        return true;
-    }
-    if looks_like_identifier(&before) {
+    if !(9..=13).contains(&digits.len()) {
         return false;
     }
-    match (digits.len(), digits[0], digits[1]) {
+    let by_length = match (digits.len(), digits[0], digits[1]) {
         (10, 6..=9, _) => true,           // North America, India
         (10, 2..=5, _) => digits[3] >= 2, // North America: NXX-NXX-XXXX
         (11, 1, 2..=9) => true,           // China mobile, 1 + North America
         (10 | 11, 0, 1..=9) => true,      // a trunk 0
         _ => false,
-    }
+    };
+    let before = words_before(text, start);
+    (by_length && !looks_like_identifier(&before)) || has_phone_context(&before)
 }
 
 /// Currency codes, symbols and units: a number next to one is an amount (`123 456 789 EUR`).
@@ -219,11 +217,17 @@ fn written_in_fours(text: &str, span: &Range<usize>) -> bool {
     groups.len() >= 5 && groups[..groups.len() - 1].iter().all(|g| *g == 4)
 }
 
+/// A phone number by its own digits and layout, then by what surrounds it.
 fn is_phone(text: &str, span: &Range<usize>) -> bool {
+    let digit_count = text.as_bytes()[span.clone()]
+        .iter()
+        .filter(|b| b.is_ascii_digit())
+        .count();
+    digit_count >= 8 && phone_layout(text, span) && !amount(text, span) && !written_in_fours(text, span)
+}
+
+fn phone_layout(text: &str, span: &Range<usize>) -> bool {
     let candidate = &text[span.clone()];
-    if amount(text, span) || written_in_fours(text, span) {
-        return false;
-    }
     let (mut dots, mut spaces_or_dashes, mut slashes) = (0, 0, 0);
     for b in candidate.bytes() {
         match b {
@@ -279,7 +283,7 @@ impl Recognizer for Phone {
     fn find(&self, scan: &Text<'_>, found: &mut Vec<Range<usize>>) {
         let text = scan.as_str();
         let bytes = text.as_bytes();
-        scan.values_in_runs(8, 8, found, |span| {
+        scan.values_in_runs(8..=17, 8, found, |span| {
             is_phone(text, &span).then(|| span.start..span.end + extension_after(bytes, span.end))
         });
     }

@@ -25,15 +25,25 @@ enum Check {
     RandomToken,
     /// An AWS access key id: a secret access key may follow or precede it.
     AwsKeyId,
-    /// A word such as `api_key` or `password` that a value may be assigned to.
-    Assignment,
-    /// `Bearer` or `Basic` in an `Authorization` header.
-    AuthScheme,
-    /// `://` of a URL that may carry `user:password@`.
-    Url,
 }
 
-/// Literal, what it starts, and the anchored format of the whole token (for tokens).
+/// Words in the name a value is assigned to (`OPENAI_API_KEY=`, `"client_secret":`) that make
+/// the value a candidate.
+const ASSIGNMENT_WORDS: &[&str] = &[
+    "api_key",
+    "apikey",
+    "api-key",
+    "secret",
+    "token",
+    "password",
+    "passwd",
+    "pwd",
+    "access_key",
+    "private_key",
+    "credential",
+];
+
+/// Literal, what it starts, and the anchored format of the whole token.
 #[rustfmt::skip]
 const LITERALS: &[(&str, Check, &str)] = &[
     // AWS (IAM identifiers: long-term and temporary access keys).
@@ -72,15 +82,7 @@ const LITERALS: &[(&str, Check, &str)] = &[
     ("glwt-", Check::Token, r"^glwt-[A-Za-z0-9_\-]{20,}"),
     ("GR1348941", Check::Token, r"^GR1348941[A-Za-z0-9_\-]{20,}"),
     // Slack (bot, user, app, refresh, configuration, session and client tokens; webhooks).
-    ("xoxb-", Check::Token, r"^xoxb-[A-Za-z0-9\-]{10,}"),
-    ("xoxp-", Check::Token, r"^xoxp-[A-Za-z0-9\-]{10,}"),
-    ("xoxa-", Check::Token, r"^xoxa-[A-Za-z0-9\-]{10,}"),
-    ("xoxr-", Check::Token, r"^xoxr-[A-Za-z0-9\-]{10,}"),
-    ("xoxs-", Check::Token, r"^xoxs-[A-Za-z0-9\-]{10,}"),
-    ("xoxc-", Check::Token, r"^xoxc-[A-Za-z0-9\-]{10,}"),
-    ("xoxd-", Check::Token, r"^xoxd-[A-Za-z0-9%\-]{10,}"),
-    ("xoxe-", Check::Token, r"^xoxe-[A-Za-z0-9\-]{10,}"),
-    ("xoxe.", Check::Token, r"^xoxe\.xox[a-z]-[A-Za-z0-9\-]{10,}"),
+    ("xox", Check::Token, r"^xox(?:[abprscde]-[A-Za-z0-9%\-]{10,}|e\.xox[a-z]-[A-Za-z0-9\-]{10,})"),
     ("xapp-", Check::Token, r"^xapp-[A-Za-z0-9\-]{10,}"),
     ("hooks.slack.com/", Check::Token, r"^hooks\.slack\.com/(services|workflows|triggers)/[A-Za-z0-9_\-]+/[A-Za-z0-9_/\-]{8,}"),
     // Google.
@@ -92,13 +94,9 @@ const LITERALS: &[(&str, Check, &str)] = &[
     ("npm_", Check::Token, r"^npm_[A-Za-z0-9]{36}"),
     ("pypi-AgE", Check::Token, r"^pypi-AgE[A-Za-z0-9_\-]{50,}"),
     ("SG.", Check::Token, r"^SG\.[A-Za-z0-9_\-]{22}\.[A-Za-z0-9_\-]{43}"),
-    ("dop_v1_", Check::Token, r"^do[por]_v1_[a-f0-9]{64}"),
-    ("doo_v1_", Check::Token, r"^do[por]_v1_[a-f0-9]{64}"),
-    ("dor_v1_", Check::Token, r"^do[por]_v1_[a-f0-9]{64}"),
-    ("shpat_", Check::Token, r"^shpat_[a-fA-F0-9]{32}"),
-    ("shpss_", Check::Token, r"^shpss_[a-fA-F0-9]{32}"),
-    ("shpca_", Check::Token, r"^shpca_[a-fA-F0-9]{32}"),
-    ("shppa_", Check::Token, r"^shppa_[a-fA-F0-9]{32}"),
+    // DigitalOcean; its `doo_`/`dor_` OAuth prefixes start like "door" and would slow the scan.
+    ("dop_v1_", Check::Token, r"^dop_v1_[a-f0-9]{64}"),
+    ("shp", Check::Token, r"^shp(?:at|ss|ca|pa)_[a-fA-F0-9]{32}"),
     ("dapi", Check::Token, r"^dapi[a-f0-9]{32}"),
     ("gsk_", Check::RandomToken, r"^gsk_[A-Za-z0-9]{48}"),
     ("r8_", Check::RandomToken, r"^r8_[A-Za-z0-9]{37}"),
@@ -114,18 +112,6 @@ const LITERALS: &[(&str, Check, &str)] = &[
         Check::Token,
         r"^-----BEGIN ([A-Z0-9]+ )*PRIVATE KEY( BLOCK)?-----(?s:.*?)(-----END ([A-Z0-9]+ )*PRIVATE KEY( BLOCK)?-----|\z)",
     ),
-    // Assignments: the value is checked, not the word.
-    ("api_key", Check::Assignment, ""), ("API_KEY", Check::Assignment, ""), ("apiKey", Check::Assignment, ""),
-    ("ApiKey", Check::Assignment, ""), ("apikey", Check::Assignment, ""), ("APIKEY", Check::Assignment, ""),
-    ("api-key", Check::Assignment, ""), ("Api-Key", Check::Assignment, ""), ("X-API-KEY", Check::Assignment, ""),
-    ("secret", Check::Assignment, ""), ("SECRET", Check::Assignment, ""), ("Secret", Check::Assignment, ""),
-    ("token", Check::Assignment, ""), ("TOKEN", Check::Assignment, ""), ("Token", Check::Assignment, ""),
-    ("password", Check::Assignment, ""), ("PASSWORD", Check::Assignment, ""), ("Password", Check::Assignment, ""),
-    ("passwd", Check::Assignment, ""), ("PASSWD", Check::Assignment, ""), ("pwd", Check::Assignment, ""),
-    ("PWD", Check::Assignment, ""), ("access_key", Check::Assignment, ""), ("ACCESS_KEY", Check::Assignment, ""),
-    ("private_key", Check::Assignment, ""), ("PRIVATE_KEY", Check::Assignment, ""), ("credential", Check::Assignment, ""),
-    ("Bearer ", Check::AuthScheme, ""), ("bearer ", Check::AuthScheme, ""), ("Basic ", Check::AuthScheme, ""),
-    ("://", Check::Url, ""),
 ];
 
 /// Recognizes credentials.
@@ -281,7 +267,7 @@ impl Secret {
         (!glued && !fake).then_some(start..end)
     }
 
-    /// The value assigned after the word that ends at `end`.
+    /// The value assigned to the name `word` that starts at `end`.
     fn assigned_value(&self, text: &str, word: &str, end: usize) -> Option<Range<usize>> {
         let captures = self.assignment.captures(&text[end..])?;
         let value = captures.get(1)?;
@@ -289,7 +275,7 @@ impl Secret {
         let value = value.as_str().trim_end_matches(['.', '!', '?']);
         let span = span.start..span.start + value.len();
         let lower = word.to_ascii_lowercase();
-        let ok = if lower.starts_with("pass") || lower == "pwd" {
+        let ok = if lower.contains("pass") || lower.contains("pwd") {
             looks_like_password(value)
         } else {
             looks_random(value)
@@ -297,15 +283,25 @@ impl Secret {
         (ok && !reference(value)).then_some(span)
     }
 
-    /// `Bearer <token>` or `Basic <base64>` after `end`.
+    /// The credentials of an `Authorization:` header value starting at `end`: `Bearer <token>`,
+    /// `Basic <base64>`, or a bare token.
     fn auth_value(text: &str, end: usize) -> Option<Range<usize>> {
-        let rest = &text[end..];
+        let mut start = end;
+        let rest = text[start..].trim_start_matches(' ');
+        start += text[start..].len() - rest.len();
+        for scheme in ["Bearer ", "bearer ", "Basic ", "Token ", "token "] {
+            if rest.starts_with(scheme) {
+                start += scheme.len();
+                break;
+            }
+        }
+        let rest = &text[start..];
         let len = rest
             .bytes()
             .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'+' | b'/' | b'='))
             .count();
         let value = rest[..len].trim_end_matches('.');
-        (value.len() >= 16 && looks_random(value) && !reference(value)).then_some(end..end + value.len())
+        (value.len() >= 16 && looks_random(value) && !reference(value)).then_some(start..start + value.len())
     }
 
     /// `user:password@` after `scheme://` at `at`.
@@ -371,26 +367,52 @@ impl Recognizer for Secret {
         for hit in self.literals.find_iter(text) {
             let start = hit.start();
             let literal = hit.pattern().as_usize();
-            let (word, check, _) = LITERALS[literal];
+            let check = LITERALS[literal].1;
             let glued_before = start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
-            if start < resume {
+            if start < resume || glued_before {
                 continue;
             }
-            let span = match check {
-                Check::Token | Check::RandomToken | Check::AwsKeyId if !glued_before => {
-                    self.token(text, start, literal, check)
-                }
-                Check::Assignment => self.assigned_value(text, word, hit.end()),
-                Check::AuthScheme if !glued_before => Self::auth_value(text, hit.end()),
-                Check::Url => Self::url_credentials(text, start),
-                _ => None,
-            };
-            if let Some(span) = span {
+            if let Some(span) = self.token(text, start, literal, check) {
                 if check == Check::AwsKeyId {
                     self.aws_secret_near(text, &span, found);
                 }
                 resume = span.end;
                 found.push(span);
+            }
+        }
+        // Assignments, headers and URLs all have a `=` or `:` (rare in prose): look there.
+        for at in memchr::memchr2_iter(b'=', b':', bytes) {
+            if bytes[at..].starts_with(b"://") {
+                found.extend(Self::url_credentials(text, at));
+                continue;
+            }
+            if at > 0 && bytes[at] == b'=' && matches!(bytes[at - 1], b':' | b'=') {
+                continue; // `:=`, `==`: seen at the first byte
+            }
+            // The name before: quotes and spaces, then identifier characters.
+            let mut name_end = at;
+            while name_end > 0 && at - name_end < 4 && matches!(bytes[name_end - 1], b' ' | b'"' | b'\'') {
+                name_end -= 1;
+            }
+            let mut name_start = name_end;
+            while name_start > 0
+                && name_end - name_start < 48
+                && (bytes[name_start - 1].is_ascii_alphanumeric() || matches!(bytes[name_start - 1], b'_' | b'-'))
+            {
+                name_start -= 1;
+            }
+            if name_start == name_end {
+                continue;
+            }
+            let name = &bytes[name_start..name_end];
+            let has = |word: &str| {
+                name.windows(word.len())
+                    .any(|w| w.eq_ignore_ascii_case(word.as_bytes()))
+            };
+            if name.len() >= 13 && name[name.len() - 13..].eq_ignore_ascii_case(b"authorization") {
+                found.extend(Self::auth_value(text, at + 1));
+            } else if name.len() >= 3 && ASSIGNMENT_WORDS.iter().any(|word| has(word)) {
+                found.extend(self.assigned_value(text, &text[name_start..name_end], name_start));
             }
         }
         // A secret key found next to its id may come before it: keep the spans in order.

@@ -57,7 +57,7 @@ impl Recognizer for UsSsn {
 
     fn find(&self, scan: &Text<'_>, found: &mut Vec<Range<usize>>) {
         let text = scan.as_str();
-        scan.values_in_runs(9, 3, found, |span| is_ssn(text, span));
+        scan.values_in_runs(9..=9, 3, found, |span| is_ssn(text, span));
     }
 }
 
