@@ -121,6 +121,10 @@ pub struct TextPathsConfig {
     /// JSONPaths into buffered response bodies.
     #[serde(default)]
     pub response: Vec<String>,
+    /// JSONPaths into request bodies of retrieved documents and other third-party text (RAG
+    /// context fields): scanned as the indirect channel.
+    #[serde(default)]
+    pub documents: Vec<String>,
     /// Use only these paths, not the built-in ones.
     #[serde(default)]
     pub replace: bool,
@@ -232,10 +236,49 @@ pub(crate) struct Finding {
     pub(crate) rule: usize,
 }
 
+/// Whose words a text is. Injection detection scores each channel on its own: the system
+/// prompt is the operator's, not the attacker's; tool results and retrieved documents carry
+/// indirect injections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Channel {
+    /// The user's turns, prompts, and model output.
+    User,
+    /// `system`/`developer` messages and Anthropic's `system`.
+    System,
+    /// `tool`/`function` messages, tool-call arguments and `textPaths.documents`.
+    Indirect,
+}
+
 /// Finds rule matches in one text.
 pub(crate) trait Detector: Send + Sync + 'static {
-    /// Appends the findings in `text` (any order; overlaps are resolved by the caller).
-    fn detect(&self, text: &str, findings: &mut Vec<Finding>);
+    /// Appends the findings in `text` of `channel` (any order; overlaps are resolved by the
+    /// caller).
+    fn detect(&self, text: &str, channel: Channel, findings: &mut Vec<Finding>);
+}
+
+/// The channel of every role-bearing text of a request: `messages[*].content` and
+/// `input[*].content` by their `role`, and Anthropic's `system`. Values are told apart by
+/// address, so no path has to be evaluated twice.
+fn channels_by_role(doc: &Value) -> Vec<(*const Value, Channel)> {
+    let mut out = Vec::new();
+    for list in ["messages", "input"] {
+        if let Some(Value::Array(items)) = doc.get(list) {
+            for item in items {
+                let channel = match item.get("role").and_then(Value::as_str) {
+                    Some("system" | "developer") => Channel::System,
+                    Some("tool" | "function" | "ipython") => Channel::Indirect,
+                    _ => continue,
+                };
+                if let Some(content) = item.get("content") {
+                    out.push((content as *const Value, channel));
+                }
+            }
+        }
+    }
+    if let Some(system) = doc.get("system") {
+        out.push((system as *const Value, Channel::System));
+    }
+    out
 }
 
 /// Sorts findings and drops overlaps (the earlier, then the longer, wins).
@@ -254,7 +297,8 @@ fn normalize(findings: &mut Vec<Finding>) {
 /// The parameters both guards share, checked.
 pub(crate) struct GuardOptions {
     pub(crate) direction: GuardDirection,
-    pub(crate) request_paths: Vec<SelectPath>,
+    /// Request paths, and whether what they select is indirect (else: by role).
+    pub(crate) request_paths: Vec<(SelectPath, bool)>,
     pub(crate) response_paths: Vec<SelectPath>,
     pub(crate) reject: RejectConfig,
     pub(crate) report_header: Option<String>,
@@ -292,7 +336,24 @@ impl GuardOptions {
         };
         let empty = TextPathsConfig::default();
         let extra = text_paths.unwrap_or(&empty);
-        let request_paths = compile("request", REQUEST_PATHS, REQUEST_TOOL_PATHS, &extra.request)?;
+        let tool_paths: Vec<SelectPath> = if inspect_tool_arguments && !extra.replace {
+            REQUEST_TOOL_PATHS
+                .iter()
+                .map(|path| SelectPath::parse(path).expect("built-in paths parse"))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut request_paths: Vec<(SelectPath, bool)> = compile("request", REQUEST_PATHS, &[], &extra.request)?
+            .into_iter()
+            .map(|path| (path, false))
+            .collect();
+        request_paths.extend(tool_paths.into_iter().map(|path| (path, true)));
+        for (index, text) in extra.documents.iter().enumerate() {
+            let path = SelectPath::parse(text)
+                .map_err(|msg| ConfigError::new(format!("textPaths.documents[{index}]"), msg))?;
+            request_paths.push((path, true));
+        }
         let response_paths = compile("response", RESPONSE_PATHS, RESPONSE_TOOL_PATHS, &extra.response)?;
         if extra.replace && request_paths.is_empty() && response_paths.is_empty() {
             return Err(ConfigError::new("textPaths", "replace is set but no path is given"));
@@ -450,9 +511,9 @@ fn floor_boundary(text: &str, mut at: usize) -> usize {
 
 impl<D: Detector> Guard<D> {
     /// Findings in `text`, sorted, without overlaps.
-    fn scan(&self, text: &str, findings: &mut Vec<Finding>) {
+    fn scan(&self, text: &str, channel: Channel, findings: &mut Vec<Finding>) {
         findings.clear();
-        self.detector.detect(text, findings);
+        self.detector.detect(text, channel, findings);
         normalize(findings);
     }
 
@@ -478,12 +539,12 @@ impl<D: Detector> Guard<D> {
     /// longer glued once the word is a tag; found by fuzzing), and nothing recognizable may
     /// remain. Every round turns original characters into tags, which are never recognized,
     /// so it ends; an input built to need more than `MAX_ROUNDS` is replaced whole (fail safe).
-    fn masked_fully(&self, text: &str, findings: &[Finding]) -> String {
+    fn masked_fully(&self, text: &str, channel: Channel, findings: &[Finding]) -> String {
         const MAX_ROUNDS: usize = 64;
         let mut out = self.masked(text, findings);
         let mut again = Vec::new();
         for _ in 0..MAX_ROUNDS {
-            self.scan(&out, &mut again);
+            self.scan(&out, channel, &mut again);
             if !again.iter().any(|f| self.rules[f.rule].action == Action::Mask) {
                 return out;
             }
@@ -560,31 +621,52 @@ impl<D: Detector> Guard<D> {
         if ctx.body().is_blank() {
             return Ok(Decision::Continue);
         }
+        let response_paths: Vec<(SelectPath, bool)>;
         let paths = match ctx.direction() {
             Direction::Request => &self.options.request_paths,
-            Direction::Response => &self.options.response_paths,
+            Direction::Response => {
+                response_paths = self
+                    .options
+                    .response_paths
+                    .iter()
+                    .map(|path| (path.clone(), false))
+                    .collect();
+                &response_paths
+            }
         };
         let mut findings = Vec::new();
         let mut found = BTreeSet::new();
         let mut first_reject = None;
         // Texts with findings (and the findings), in visiting order, for the masking pass.
-        let mut per_text: Vec<Option<(String, Vec<Finding>)>> = Vec::new();
+        let mut per_text: Vec<Option<(String, Vec<Finding>, Channel)>> = Vec::new();
+        let request = ctx.direction() == Direction::Request;
         {
             let doc = ctx.body().doc().map_err(|err| {
                 PluginError::bad_request("invalid_json", format!("{} cannot inspect the body: {err}", self.name))
             })?;
-            for path in paths {
+            let by_role = if request { channels_by_role(doc) } else { Vec::new() };
+            for (path, indirect) in paths {
                 path.for_each(doc, &mut |value| {
+                    let channel = if *indirect {
+                        Channel::Indirect
+                    } else {
+                        let address = value as *const Value;
+                        by_role
+                            .iter()
+                            .find(|(known, _)| *known == address)
+                            .map_or(Channel::User, |(_, channel)| *channel)
+                    };
                     each_text(value, &mut |text| {
-                        self.scan(text, &mut findings);
+                        self.scan(text, channel, &mut findings);
                         for finding in &findings {
                             found.insert(finding.rule);
                             if self.rules[finding.rule].action == Action::Reject && first_reject.is_none() {
                                 first_reject = Some(finding.rule);
                             }
                         }
-                        per_text
-                            .push((!findings.is_empty()).then(|| (text.to_string(), std::mem::take(&mut findings))));
+                        per_text.push(
+                            (!findings.is_empty()).then(|| (text.to_string(), std::mem::take(&mut findings), channel)),
+                        );
                     })
                 });
             }
@@ -598,18 +680,18 @@ impl<D: Detector> Guard<D> {
             // The same paths visit the same texts in the same order.
             let mut per_text = per_text.into_iter();
             let doc = ctx.body().doc_mut().expect("parsed above");
-            for path in paths {
+            for (path, _) in paths {
                 path.for_each_mut(doc, &mut |value| {
                     each_text_mut(value, &mut |text| {
-                        let Some((scanned, mut findings)) = per_text.next().flatten() else {
+                        let Some((scanned, mut findings, channel)) = per_text.next().flatten() else {
                             return;
                         };
                         // A text two paths select was already masked once: look at it afresh.
                         if *text != scanned {
-                            self.scan(text, &mut findings);
+                            self.scan(text, channel, &mut findings);
                         }
                         if findings.iter().any(|f| self.rules[f.rule].action == Action::Mask) {
-                            *text = self.masked_fully(text, &findings);
+                            *text = self.masked_fully(text, channel, &findings);
                         }
                     })
                 });
@@ -648,7 +730,7 @@ impl<D: Detector> Guard<D> {
         let base = track.context.len();
         let whole = format!("{}{}", track.context, track.pending);
         let mut findings = Vec::new();
-        self.scan(&whole, &mut findings);
+        self.scan(&whole, Channel::User, &mut findings);
         findings.retain(|finding| finding.span.end > base);
         if let Some(finding) = findings.iter().find(|f| self.rules[f.rule].action == Action::Reject) {
             return Err(finding.rule);
@@ -872,7 +954,7 @@ impl<D: Detector> Guard<D> {
                 continue;
             };
             let mut visit = |text: &mut String| {
-                self.scan(text, &mut findings);
+                self.scan(text, Channel::User, &mut findings);
                 if let Some(f) = findings.iter().find(|f| self.rules[f.rule].action == Action::Reject) {
                     reject.get_or_insert(f.rule);
                 } else if findings.iter().any(|f| self.rules[f.rule].action == Action::Mask) {

@@ -8,6 +8,7 @@ pub mod body_field_to_header;
 pub mod body_mutation;
 pub mod endpoint_picker;
 mod guard;
+pub mod injection_classifier;
 pub mod json_to_multipart;
 pub mod mcp_router;
 pub mod model_rewrite;

@@ -19,8 +19,8 @@
 //! stream handling are shared with `prompt-guard` ([`crate::guard`]).
 
 use crate::guard::{
-    guard_counters, Action, Detector, Finding, Guard, GuardDirection, GuardOptions, MaskConfig, Masking, RejectConfig,
-    Rule, TextPathsConfig,
+    guard_counters, Action, Channel, Detector, Finding, Guard, GuardDirection, GuardOptions, MaskConfig, Masking,
+    RejectConfig, Rule, TextPathsConfig,
 };
 use crate::pii::{drop_overlapped, Entity, Recognizer, Text};
 use payload_processor_core::{BuildContext, ConfigError, Plugin};
@@ -123,7 +123,7 @@ pub struct PiiDetector {
 }
 
 impl Detector for PiiDetector {
-    fn detect(&self, text: &str, findings: &mut Vec<Finding>) {
+    fn detect(&self, text: &str, _channel: Channel, findings: &mut Vec<Finding>) {
         let mut spans = Vec::new();
         // Number runs are found once and shared by the recognizers that start from them.
         let scan = Text::new(text);

@@ -4,6 +4,19 @@ import pytest
 from harness import DIST, Envoy, bootstrap, cluster, processor_filter
 
 BAD_CONFIGS = [
+    ("injection-classifier-missing-file",
+     "processors: [{name: g, type: prompt-guard, parameters: {builtin: [prompt-injection], "
+     "injection: {classifier: {weights: /nonexistent/injection.safetensors}}}}]",
+     "processors[0].parameters.injection.classifier.weights: cannot read"),
+    ("injection-classifier-not-safetensors",
+     "processors: [{name: g, type: prompt-guard, parameters: {builtin: [prompt-injection], "
+     "injection: {classifier: {weightsBase64: aGVsbG8gd29ybGQ=}}}}]",
+     "processors[0].parameters.injection.classifier.weightsBase64: not a safetensors file"),
+    # A weights tensor of 128 where the metadata says 256 buckets.
+    ("injection-classifier-wrong-shape",
+     "processors: [{name: g, type: prompt-guard, parameters: {builtin: [prompt-injection], "
+     "injection: {classifier: {weightsBase64: MgEAAAAAAAB7IndlaWdodHMiOnsiZHR5cGUiOiJJOCIsInNoYXBlIjpbMTI4XSwiZGF0YV9vZmZzZXRzIjpbMCwxMjhdfSwic2NhbGUiOnsiZHR5cGUiOiJGMzIiLCJzaGFwZSI6WzFdLCJkYXRhX29mZnNldHMiOlsxMjgsMTMyXX0sImJpYXMiOnsiZHR5cGUiOiJGMzIiLCJzaGFwZSI6WzFdLCJkYXRhX29mZnNldHMiOlsxMzIsMTM2XX0sIl9fbWV0YWRhdGFfXyI6eyJmb3JtYXQiOiJwYXlsb2FkLXByb2Nlc3Nvci1pbmplY3Rpb24tdjEiLCJidWNrZXRzIjoiMjU2Iiwid2luZG93IjoiMTI4Iiwic3RyaWRlIjoiOTYiLCJ0aHJlc2hvbGQiOiIwLjUifX0AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAM3MzD0AAEDA}}}}]",
+     "processors[0].parameters.injection.classifier.weightsBase64: tensor \"weights\" is I8 [128], expected I8 [256]"),
     ("pii-guard-unknown-entity", "processors: [{name: a, type: pii-guard, parameters: {entities: [email, passport]}}]",
      "processors[0].parameters.entities[1]: unknown variant `passport`"),
     ("pii-guard-invalid-regex",

@@ -60,5 +60,5 @@ pub use plugin::{
     Context, Counter, Decision, EventDecision, Gauge, LocalReply, PhaseNeed, Plugin, PluginError, RequestEdits,
     StreamNeed,
 };
-pub use registry::{BuildContext, BuildFn, PluginFactory, Registry, RegistryError};
+pub use registry::{set_file_reader, BuildContext, BuildFn, FileReader, PluginFactory, Registry, RegistryError};
 pub use sse::SseEvent;

