@@ -77,9 +77,57 @@ fn guards(c: &mut Criterion) {
     }
 }
 
+/// A weights file of the trained shape (2^16 int8 buckets); the cost of scoring does not
+/// depend on the weights' values.
+fn injection_weights_file() -> std::path::PathBuf {
+    let buckets = 1usize << 16;
+    let header = format!(
+        r#"{{"weights":{{"dtype":"I8","shape":[{buckets}],"data_offsets":[0,{buckets}]}},"scale":{{"dtype":"F32","shape":[1],"data_offsets":[{buckets},{a}]}},"bias":{{"dtype":"F32","shape":[1],"data_offsets":[{a},{b}]}},"__metadata__":{{"format":"payload-processor-injection-v1","buckets":"{buckets}","window":"128","stride":"96","threshold":"0.99"}}}}"#,
+        a = buckets + 4,
+        b = buckets + 8
+    );
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header.as_bytes());
+    bytes.extend((0..buckets).map(|i| (i % 7) as u8));
+    bytes.extend(0.01f32.to_le_bytes());
+    bytes.extend((-5.0f32).to_le_bytes());
+    let path = std::env::temp_dir().join("bench-injection-v1.safetensors");
+    std::fs::write(&path, bytes).expect("temp dir is writable");
+    path
+}
+
+/// Injection detection on a 4 KiB prompt: the rules alone, then with the classifier (the
+/// issue's target: at most 20 µs added in the engine).
+fn injection(c: &mut Criterion) {
+    payload_processor_core::set_file_reader(|path| std::fs::read(path).map_err(|err| err.to_string()));
+    let weights = injection_weights_file();
+    let mut group = c.benchmark_group("injection/4KiB");
+    group.throughput(Throughput::Bytes(4096));
+    let rules = "processors:\n  - name: guard\n    type: prompt-guard\n    parameters: {builtin: [prompt-injection]}\n";
+    let with_classifier = format!(
+        "processors:\n  - name: guard\n    type: prompt-guard\n    parameters: {{builtin: [prompt-injection], \
+         injection: {{classifier: {{weights: '{}'}}}}}}\n",
+        weights.display()
+    );
+    for (name, yaml) in [("rules", rules.to_string()), ("rules_and_classifier", with_classifier)] {
+        let case = Case::new(&yaml, "/v1/chat/completions", &[JSON], guard_chat_body(4096, false));
+        case.check();
+        group.bench_function(name, |b| {
+            b.iter_batched_ref(|| case.host(), |host| case.run(host), BatchSize::SmallInput)
+        });
+    }
+    let classifier = payload_processor_plugins::injection_classifier::InjectionClassifier::from_safetensors(
+        &std::fs::read(&weights).expect("written above"),
+    )
+    .expect("loads");
+    let text = guard_prompt_text(4096, false);
+    group.bench_function("classifier_alone", |b| b.iter(|| classifier.score(black_box(&text))));
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(1));
-    targets = guards
+    targets = guards, injection
 }
 criterion_main!(benches);

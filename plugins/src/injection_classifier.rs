@@ -17,6 +17,9 @@ pub const FORMAT: &str = "payload-processor-injection-v1";
 const MAX_WORD: usize = 32;
 const FNV_OFFSET: u32 = 2_166_136_261;
 const FNV_PRIME: u32 = 16_777_619;
+/// FNV-1a state after the kind byte of a word (`w`) and of a pair (`b`).
+const UNIGRAM_SEED: u32 = (FNV_OFFSET ^ b'w' as u32).wrapping_mul(FNV_PRIME);
+const PAIR_SEED: u32 = (FNV_OFFSET ^ b'b' as u32).wrapping_mul(FNV_PRIME);
 
 /// A loaded classifier, shared read-only by every stream.
 #[derive(Debug)]
@@ -128,7 +131,7 @@ impl InjectionClassifier {
     pub fn score(&self, text: &str) -> f64 {
         let bytes = text.as_bytes();
         // Per word: its own weight and the weight of the pair it ends.
-        let mut word_scores: Vec<(f32, f32)> = Vec::new();
+        let mut word_scores: Vec<(f32, f32)> = Vec::with_capacity(bytes.len() / 5);
         // The hash of `b` + the previous word + a space: a pair's hash continues from it.
         let mut pair_prefix: Option<u32> = None;
         let mut at = 0;
@@ -142,11 +145,17 @@ impl InjectionClassifier {
                 at += 1;
             }
             let word = &bytes[start..at.min(start + MAX_WORD)];
-            let lowered = || word.iter().map(|b| lower(*b));
-            let unigram = self.weight(fnv(fnv(FNV_OFFSET, [b'w']), lowered()));
-            let pair = pair_prefix.map_or(0.0, |prefix| self.weight(fnv(prefix, lowered())));
-            word_scores.push((unigram, pair));
-            pair_prefix = Some(fnv(fnv(fnv(FNV_OFFSET, [b'b']), lowered()), [b' ']));
+            // The word's three hashes in one pass: itself, the pair it ends, the pair it starts.
+            let (mut unigram, mut pair, mut next) = (UNIGRAM_SEED, pair_prefix.unwrap_or(0), PAIR_SEED);
+            for &byte in word {
+                let byte = u32::from(lower(byte));
+                unigram = (unigram ^ byte).wrapping_mul(FNV_PRIME);
+                pair = (pair ^ byte).wrapping_mul(FNV_PRIME);
+                next = (next ^ byte).wrapping_mul(FNV_PRIME);
+            }
+            let pair_weight = if pair_prefix.is_some() { self.weight(pair) } else { 0.0 };
+            word_scores.push((self.weight(unigram), pair_weight));
+            pair_prefix = Some(fnv(next, [b' ']));
         }
         if word_scores.is_empty() {
             return 0.0;

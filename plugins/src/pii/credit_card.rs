@@ -1,7 +1,7 @@
 //! Payment card numbers: 13 to 19 digits, written plain or in groups of 4 (Amex 4-6-5,
 //! Diners 4-6-4), with a known issuer prefix, passing the Luhn check.
 
-use super::{digit_groups, digits_of, Entity, Recognizer, Text};
+use super::{DigitShape, Entity, Recognizer, Text};
 use std::ops::Range;
 
 /// Recognizes payment card numbers.
@@ -91,11 +91,11 @@ fn is_card(candidate: &str) -> bool {
             return false;
         }
     }
-    let digits = digits_of(candidate);
-    (12..=19).contains(&digits.len())
-        && card_grouping(&digit_groups(candidate))
-        && known_issuer(&digits)
-        && luhn(&digits)
+    let Some(shape) = DigitShape::of(candidate) else {
+        return false;
+    };
+    let digits = shape.digits();
+    (12..=19).contains(&digits.len()) && card_grouping(shape.groups()) && known_issuer(digits) && luhn(digits)
 }
 
 /// Words that make a short plain number a card number.

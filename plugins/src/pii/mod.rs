@@ -259,7 +259,11 @@ pub(crate) fn extension_after(bytes: &[u8], end: usize) -> usize {
     if bytes.get(at) == Some(&b' ') {
         at += 1;
     }
-    let rest = &bytes[at.min(bytes.len())..];
+    // Almost every run is followed by something else: decide on one byte.
+    if !matches!(bytes.get(at), Some(b'x' | b'X' | b'e' | b'E' | b'#')) {
+        return 0;
+    }
+    let rest = &bytes[at..];
     let marker = ["extension", "ext.", "ext", "x", "#"]
         .iter()
         .find(|marker| rest.len() >= marker.len() && rest[..marker.len()].eq_ignore_ascii_case(marker.as_bytes()));
@@ -338,7 +342,8 @@ fn scan_number_runs(text: &str) -> Vec<NumberRun> {
             i += 1;
         }
         at = i.max(start_digit + 1);
-        let extension = extension_after(bytes, end) > 0;
+        // Only phone numbers (seven digits and more) carry extensions.
+        let extension = digits >= 7 && extension_after(bytes, end) > 0;
         runs.push(NumberRun {
             span: start..end,
             digits,
@@ -349,9 +354,57 @@ fn scan_number_runs(text: &str) -> Vec<NumberRun> {
     runs
 }
 
-/// The digits of `text`, as numbers.
-pub(crate) fn digits_of(text: &str) -> Vec<u8> {
-    text.bytes().filter(u8::is_ascii_digit).map(|b| b - b'0').collect()
+/// The digits of a candidate and the lengths of its digit groups, kept on the stack:
+/// candidates are checked by the thousand, and allocating for each showed in instruction
+/// counts.
+pub(crate) struct DigitShape {
+    digits: [u8; 24],
+    len: usize,
+    groups: [usize; 12],
+    group_count: usize,
+}
+
+impl DigitShape {
+    /// The shape of `text`, or `None` past 24 digits or 12 groups (no value here has more).
+    pub(crate) fn of(text: &str) -> Option<Self> {
+        let mut shape = Self {
+            digits: [0; 24],
+            len: 0,
+            groups: [0; 12],
+            group_count: 0,
+        };
+        let mut in_group = false;
+        for b in text.bytes() {
+            if b.is_ascii_digit() {
+                if shape.len == shape.digits.len() {
+                    return None;
+                }
+                shape.digits[shape.len] = b - b'0';
+                shape.len += 1;
+                if !in_group {
+                    if shape.group_count == shape.groups.len() {
+                        return None;
+                    }
+                    shape.group_count += 1;
+                    in_group = true;
+                }
+                shape.groups[shape.group_count - 1] += 1;
+            } else {
+                in_group = false;
+            }
+        }
+        Some(shape)
+    }
+
+    /// The digits, as numbers.
+    pub(crate) fn digits(&self) -> &[u8] {
+        &self.digits[..self.len]
+    }
+
+    /// The lengths of the digit groups (`415-555-0100` → `[3, 3, 4]`).
+    pub(crate) fn groups(&self) -> &[usize] {
+        &self.groups[..self.group_count]
+    }
 }
 
 /// Lengths of the digit groups of `text` (`415-555-0100` → `[3, 3, 4]`).

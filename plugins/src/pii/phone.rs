@@ -16,7 +16,7 @@
 //! order/invoice/account-style word, dates, versions, IPv4 addresses, thousands groupings and
 //! sequential or repeated digit runs (`1234567890`, `555-555-5555`) are not phones.
 
-use super::{digit_groups, extension_after, Entity, Recognizer, Text};
+use super::{digit_groups, extension_after, DigitShape, Entity, Recognizer, Text};
 use std::ops::Range;
 
 /// Recognizes phone numbers.
@@ -245,9 +245,11 @@ fn phone_layout(text: &str, span: &Range<usize>) -> bool {
     if dots > 0 && (spaces_or_dashes + slashes > first_separator_kept) {
         return false;
     }
-    let groups = digit_groups(candidate);
-    let digits: Vec<u8> = candidate.bytes().filter(u8::is_ascii_digit).map(|b| b - b'0').collect();
-    if digits.len() < 8 || sequential_or_repeated(&digits) {
+    let Some(shape) = DigitShape::of(candidate) else {
+        return false;
+    };
+    let (groups, digits) = (shape.groups(), shape.digits());
+    if digits.len() < 8 || sequential_or_repeated(digits) {
         return false;
     }
     if dots > 0 {
@@ -259,7 +261,7 @@ fn phone_layout(text: &str, span: &Range<usize>) -> bool {
     }
     if is_international && (candidate.starts_with('+') || groups.len() > 1) {
         let significant = if candidate.starts_with('+') {
-            &digits[..]
+            digits
         } else {
             &digits[2..]
         };
@@ -270,9 +272,9 @@ fn phone_layout(text: &str, span: &Range<usize>) -> bool {
         return slashes == 1 && groups.len() == 2 && digits[0] == 0 && (9..=12).contains(&digits.len());
     }
     if groups.len() == 1 {
-        return bare_number(text, span.start, &digits);
+        return bare_number(text, span.start, digits);
     }
-    national_layout(&groups, &digits) || trunk_layout(&groups, &digits)
+    national_layout(groups, digits) || trunk_layout(groups, digits)
 }
 
 impl Recognizer for Phone {
