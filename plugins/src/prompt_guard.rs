@@ -460,12 +460,14 @@ impl Injection {
                 }
                 if let Some(found) = self.patterns[heuristic].find(&text[from..to]) {
                     let span = from + found.start()..from + found.end();
-                    // Prose heuristics can be negated or quoted; markup and personas cannot.
-                    let prose = !matches!(
-                        INJECTION_HEURISTICS[heuristic].name,
-                        "jailbreak persona" | "chat template spoofing" | "encoded payload"
-                    );
-                    if prose && (negated(&lower, span.start) || mentioned(&lower, &span)) {
+                    // Prose can be negated, quoted or discussed (a persona too: "jailbreaks
+                    // such as DAN"); markup and encodings cannot.
+                    let (prose, persona) = match INJECTION_HEURISTICS[heuristic].name {
+                        "chat template spoofing" | "encoded payload" => (false, false),
+                        "jailbreak persona" => (false, true),
+                        _ => (true, false),
+                    };
+                    if (prose && negated(&lower, span.start)) || ((prose || persona) && mentioned(&lower, &span)) {
                         continue;
                     }
                     matched[heuristic] = true;
@@ -1059,6 +1061,7 @@ mod tests {
             "Our security team found that users try to make the bot reveal its system prompt.",
             "### Instructions\n1. Install the package.\n2. Run the tests.",
             "Dan, can you review my pull request?",
+            "Write a blog post about jailbreaks such as DAN and how vendors mitigate them.",
         ] {
             assert_eq!(blocked_by(text), None, "{text}");
         }
