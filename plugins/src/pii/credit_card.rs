@@ -75,7 +75,7 @@ fn known_issuer(digits: &[u8]) -> bool {
 
 /// How card numbers are written: plain, in fours (the last group shorter), Amex/Diners
 /// 4-6-5 and 4-6-4, or 19-digit numbers as 6-13 and 4-4-4-4-3.
-fn card_grouping(groups: &[usize]) -> bool {
+fn card_grouping(groups: &[u8]) -> bool {
     match groups {
         [_] | [4, 6, 5] | [4, 6, 4] | [6, 13] | [4, 4, 5] => true,
         [rest @ .., last] => rest.len() >= 2 && rest.iter().all(|g| *g == 4) && (1..=4).contains(last),

@@ -137,7 +137,7 @@ fn sequential_or_repeated(digits: &[u8]) -> bool {
 }
 
 /// A national layout without a trunk prefix.
-fn national_layout(groups: &[usize], digits: &[u8]) -> bool {
+fn national_layout(groups: &[u8], digits: &[u8]) -> bool {
     let first = digits[0];
     match groups {
         [3, 3, 4] | [3, 7] => first >= 2 || (first == 1 && digits[1] >= 3), // North America; Italy, Colombia, China
@@ -152,7 +152,7 @@ fn national_layout(groups: &[usize], digits: &[u8]) -> bool {
 }
 
 /// A national number with a trunk prefix `0` (or Russia's `8`).
-fn trunk_layout(groups: &[usize], digits: &[u8]) -> bool {
+fn trunk_layout(groups: &[u8], digits: &[u8]) -> bool {
     let total = digits.len();
     if digits[0] == 8 {
         return matches!(groups, [1, 3, 3, 2, 2] | [1, 3, 3, 4] | [1, 3, 7]) && total == 11;
@@ -223,7 +223,12 @@ fn is_phone(text: &str, span: &Range<usize>) -> bool {
         .iter()
         .filter(|b| b.is_ascii_digit())
         .count();
-    digit_count >= 8 && phone_layout(text, span) && !amount(text, span) && !written_in_fours(text, span)
+    // Plain digits need nine or more (most numbers in prose are shorter); said first, as cheap.
+    let plain = digit_count == span.len();
+    digit_count >= if plain { 9 } else { 8 }
+        && phone_layout(text, span)
+        && !amount(text, span)
+        && !written_in_fours(text, span)
 }
 
 fn phone_layout(text: &str, span: &Range<usize>) -> bool {
