@@ -10,8 +10,8 @@
 //! ```
 //! A model that is not an adapter maps to itself. Without a model field the header is removed.
 
-use crate::body_field_to_header::validate_header_name;
-use crate::{field_as_text, field_path};
+use crate::common::validate_header_name;
+use crate::common::{field_as_text, field_path};
 use payload_processor_core::{
     BuildContext, ConfigError, Context, Decision, FieldPath, PhaseNeed, Plugin, PluginError, RequestEdits,
 };

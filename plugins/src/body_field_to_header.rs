@@ -11,7 +11,7 @@
 //! header is removed so it cannot be spoofed; with `required: true` it is a 400. A body that
 //! is not JSON is a 400 `invalid_json` error (subject to the failure mode).
 
-use crate::{field_as_text, field_path};
+use crate::common::{field_as_text, field_path, validate_header_name};
 use payload_processor_core::{
     BuildContext, ConfigError, Context, Counter, Decision, FieldPath, LocalReply, PhaseNeed, Plugin, PluginError,
     RequestEdits,
@@ -64,18 +64,6 @@ pub fn build(parameters: &serde_json::Value, ctx: &mut BuildContext) -> Result<A
         required: config.required,
         missing: ctx.counter("missing_field"),
     }))
-}
-
-/// A header name a plugin may set: an HTTP token, not a pseudo-header.
-pub(crate) fn validate_header_name(name: &str, at: &str) -> Result<(), ConfigError> {
-    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
-    if name.is_empty() || !name.bytes().all(token) {
-        return Err(ConfigError::new(
-            at,
-            format!("{name:?} is not a valid HTTP header name"),
-        ));
-    }
-    Ok(())
 }
 
 impl Plugin for BodyFieldToHeader {

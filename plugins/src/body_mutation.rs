@@ -21,8 +21,8 @@
 //! (`path_missing`), or answered with a 400 when `required: true`. Clamping a value that is not
 //! a number is a 400 (`invalid_field`). The body is re-serialized only when something changed.
 
-use crate::body_field_to_header::validate_header_name;
-use crate::{field_as_text, field_path};
+use crate::common::validate_header_name;
+use crate::common::{field_as_text, field_path};
 use payload_processor_core::{
     BuildContext, ConfigError, Context, Counter, Decision, FieldPath, JsonError, PhaseNeed, Plugin, PluginError,
     RequestEdits, WritePath,

@@ -1,29 +1,28 @@
-//! Built-in payload plugins of envoy-payload-processor, one file each, and the one function
-//! that registers them all.
+//! Built-in payload plugins of envoy-payload-processor, one file (or family folder) each, the
+//! helpers several of them share ([`common`]), and the one function that registers them all.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod base_model_to_header;
 pub mod body_field_to_header;
 pub mod body_mutation;
+mod common;
 pub mod endpoint_picker;
-mod guard;
-pub mod injection_classifier;
+pub mod guard;
 pub mod json_to_multipart;
 pub mod mcp_router;
 pub mod model_rewrite;
-pub mod pii;
-pub mod pii_guard;
 pub mod prompt_decorator;
-pub mod prompt_guard;
 pub mod request_validator;
 pub mod token_usage;
+
+// The guard family's public parts keep their paths.
+pub use guard::{injection_classifier, pii, pii_guard, prompt_guard};
 
 #[cfg(test)]
 mod testing;
 
-use payload_processor_core::{BuildFn, ConfigError, Context, FieldPath, JsonError, PluginError, Registry};
-use serde_json::Value;
+use payload_processor_core::{BuildFn, Registry};
 
 /// Registers every built-in plugin type.
 pub fn register_builtins(registry: &mut Registry) {
@@ -51,27 +50,4 @@ pub fn builtin_registry() -> Registry {
     let mut registry = Registry::new();
     register_builtins(&mut registry);
     registry
-}
-
-/// Reads a body field as header text: strings as they are, numbers and booleans as their JSON
-/// text; `null` counts as absent. Objects and arrays cannot be a header value.
-pub(crate) fn field_as_text(ctx: &mut Context<'_>, path: &FieldPath) -> Result<Option<String>, PluginError> {
-    let value = ctx.body().get(path).map_err(|err| match err {
-        JsonError::Path(_) => PluginError::internal("json_path", err.to_string()),
-        _ => PluginError::bad_request("invalid_json", err.to_string()),
-    })?;
-    match value {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(text)) => Ok(Some(text)),
-        Some(value @ (Value::Number(_) | Value::Bool(_))) => Ok(Some(value.to_string())),
-        Some(_) => Err(PluginError::bad_request(
-            "invalid_field",
-            format!("field {} must be a string, number or boolean", path.describe()),
-        )),
-    }
-}
-
-/// Compiles a field name or JSONPath parameter.
-pub(crate) fn field_path(text: &str, at: &str) -> Result<FieldPath, ConfigError> {
-    FieldPath::parse(text).map_err(|msg| ConfigError::new(at, msg))
 }

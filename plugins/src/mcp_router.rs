@@ -18,7 +18,7 @@
 //! (what JSON-RPC clients surface as a call error); a body that is not JSON gets HTTP 400 with
 //! a `-32700` parse error. A batch (array) is routed by its first call and refused if any call is.
 
-use crate::body_field_to_header::validate_header_name;
+use crate::common::validate_header_name;
 use payload_processor_core::{
     BuildContext, ConfigError, Context, Counter, Decision, LocalReply, PhaseNeed, Plugin, PluginError, RequestEdits,
 };

@@ -19,8 +19,8 @@
 //! `metadataNamespace`, default `io.envoy.ai_gateway`). The split is deterministic per key: the
 //! sticky header's value, else Envoy's `x-request-id`.
 
-use crate::body_field_to_header::validate_header_name;
-use crate::field_as_text;
+use crate::common::field_as_text;
+use crate::common::validate_header_name;
 use payload_processor_core::{
     BuildContext, ConfigError, Context, Counter, Decision, FieldPath, PhaseNeed, Plugin, PluginError,
 };

@@ -17,7 +17,7 @@
 //!     deadlineMargin: 2s                     # reject when it passes within this margin
 //! ```
 
-use crate::field_path;
+use crate::common::field_path;
 use payload_processor_core::{
     BuildContext, ConfigError, Context, Decision, FieldPath, LocalReply, PhaseNeed, Plugin, PluginError, RequestEdits,
 };
@@ -98,7 +98,7 @@ pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugi
         ));
     }
     if let Some(header) = &config.deadline_header {
-        crate::body_field_to_header::validate_header_name(header, "deadlineHeader")?;
+        crate::common::validate_header_name(header, "deadlineHeader")?;
     }
     let reads_document = config.allowed_models.is_some()
         || config.max_messages.is_some()

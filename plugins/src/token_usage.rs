@@ -30,7 +30,7 @@
 //! `<prefix>cached-input-tokens`; a streamed response's headers are gone before its usage
 //! arrives, so streams record metadata only.
 
-use crate::body_field_to_header::validate_header_name;
+use crate::common::validate_header_name;
 use payload_processor_core::{
     Api, BuildContext, ConfigError, Context, Counter, Decision, EventDecision, FieldPath, PhaseNeed, Plugin,
     PluginError, RequestEdits, SseEvent, StreamNeed,

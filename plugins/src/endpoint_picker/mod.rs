@@ -41,7 +41,7 @@ pub use metrics::{parse as parse_metrics, LoraInfo, MetricNames, ServerMetrics};
 pub use prefix::{block_hashes, PrefixIndex};
 pub use scheduler::{rank, score, Candidate, Scores, Weights};
 
-use crate::body_field_to_header::validate_header_name;
+use crate::common::validate_header_name;
 use payload_processor_core::config::deserialize_duration;
 use payload_processor_core::json::find_member;
 use payload_processor_core::{

@@ -72,10 +72,10 @@ pub struct Config {
     /// A response header listing the rules that matched.
     pub report_header: Option<String>,
     /// Dynamic metadata namespace for `<name>.findings` and `<name>.outcome`.
-    #[serde(default = "crate::pii_guard::default_namespace")]
+    #[serde(default = "crate::guard::default_namespace")]
     pub metadata_namespace: String,
     /// Bytes of streamed text held back so a phrase split across events is seen whole.
-    #[serde(default = "crate::pii_guard::default_hold_back")]
+    #[serde(default = "crate::guard::default_hold_back")]
     pub stream_hold_back_bytes: usize,
 }
 

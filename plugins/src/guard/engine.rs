@@ -1097,3 +1097,13 @@ impl<D: Detector> Plugin for Guard<D> {
         self.on_end(ctx)
     }
 }
+
+/// The dynamic metadata namespace both guards write to by default.
+pub(crate) fn default_namespace() -> String {
+    "envoy.payload_processor.guard".into()
+}
+
+/// Bytes of a stream's text held back by default.
+pub(crate) fn default_hold_back() -> usize {
+    256
+}

@@ -66,10 +66,10 @@ pub struct Config {
     /// A response header listing the entities found (never the values).
     pub report_header: Option<String>,
     /// Dynamic metadata namespace for `<name>.findings` and `<name>.outcome`.
-    #[serde(default = "default_namespace")]
+    #[serde(default = "crate::guard::default_namespace")]
     pub metadata_namespace: String,
     /// Bytes of streamed text held back so a value split across events is seen whole.
-    #[serde(default = "default_hold_back")]
+    #[serde(default = "crate::guard::default_hold_back")]
     pub stream_hold_back_bytes: usize,
 }
 
@@ -108,12 +108,6 @@ fn default_action() -> Action {
 }
 fn default_direction() -> GuardDirection {
     GuardDirection::Both
-}
-pub(crate) fn default_namespace() -> String {
-    "envoy.payload_processor.guard".into()
-}
-pub(crate) fn default_hold_back() -> usize {
-    256
 }
 
 /// The recognizers and custom patterns, each tied to its rule.
