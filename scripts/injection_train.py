@@ -2,7 +2,7 @@
 """Trains the prompt-injection classifier of `prompt-guard` and evaluates it by source.
 
 Features (format `payload-processor-injection-v1`, computed the same way in
-`plugins/src/injection_classifier.rs`): the text's UTF-8 bytes, ASCII letters lower-cased, split
+`plugins/src/guard/injection_classifier.rs`): the text's UTF-8 bytes, ASCII letters lower-cased, split
 into words (runs of ASCII letters and digits and of non-ASCII bytes, each cut to 32 bytes);
 every word and every pair of neighbouring words is hashed (FNV-1a 32 over a kind byte `w`/`b`
 and the bytes, a pair joined by a space) into 2^16 buckets, the hash's top bit giving a sign.
