@@ -7,7 +7,7 @@
 //! [`BackgroundContext`].
 
 use crate::host::MetricId;
-use crate::plugin::{Counter, Gauge};
+use crate::metrics::{Counter, Gauge};
 use std::time::Duration;
 
 /// An HTTP request sent from the background through a proxy cluster.

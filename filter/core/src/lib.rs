@@ -44,6 +44,7 @@ mod event_stream;
 pub mod host;
 pub mod json;
 mod matcher;
+mod metrics;
 mod plugin;
 mod registry;
 pub mod sse;
@@ -56,9 +57,9 @@ pub use error::ConfigError;
 pub use event_stream::Api;
 pub use host::{Direction, HeadersHold, Host, MetricId};
 pub use json::{Body, FieldPath, JsonError, SelectPath, Step, WritePath};
+pub use metrics::{Counter, Gauge};
 pub use plugin::{
-    Context, Counter, Decision, EventDecision, Gauge, LocalReply, PhaseNeed, Plugin, PluginError, RequestEdits,
-    StreamNeed,
+    Context, Decision, EventDecision, LocalReply, PhaseNeed, Plugin, PluginError, RequestEdits, StreamNeed,
 };
 pub use registry::{set_file_reader, BuildContext, BuildFn, FileReader, PluginFactory, Registry, RegistryError};
 pub use sse::SseEvent;

@@ -3,6 +3,7 @@
 use crate::background::Background;
 use crate::host::{Direction, Host, MetricId};
 use crate::json::Body;
+use crate::metrics::{Counter, Gauge};
 use crate::sse::SseEvent;
 use serde_json::json;
 use std::any::Any;
@@ -149,14 +150,6 @@ impl PluginError {
         }
     }
 }
-
-/// A processor-local counter declared at build time with [`crate::BuildContext::counter`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Counter(pub(crate) usize);
-
-/// A processor-local gauge declared at build time with [`crate::BuildContext::gauge`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Gauge(pub(crate) usize);
 
 /// A payload plugin. Built once per configuration load, shared by every stream and thread;
 /// per-stream state belongs in the engine, not in the plugin.

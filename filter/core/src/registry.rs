@@ -2,7 +2,8 @@
 //! party builds its own filter by registering more factories next to them.
 
 use crate::error::ConfigError;
-use crate::plugin::{Counter, Gauge, Plugin};
+use crate::metrics::{Counter, Gauge};
+use crate::plugin::Plugin;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
