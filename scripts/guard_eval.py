@@ -126,11 +126,6 @@ GENERATORS = {"email": lambda: rng.choice([fake.email, fake.free_email, fake.com
               "ip_address": ip_address, "secret": secret}
 
 
-def luhn_ok(digits):
-    total = 0
-    for i, d in enumerate(reversed([int(c) for c in digits])):
-        total += d if i % 2 == 0 else (d * 2 - 9 if d * 2 > 9 else d * 2)
-    return total % 10 == 0
 
 
 def hard_negative():
@@ -144,15 +139,13 @@ def hard_negative():
     if kind == 3:
         while True:  # 16 digits that fail Luhn, grouped like a card
             digits = "4" + rand(string.digits, 15)
-            if not luhn_ok(digits):
+            if not pii_corpus.luhn_ok(digits):
                 break
         return f"Reference {' '.join(digits[i:i + 4] for i in range(0, 16, 4))} is not a card."
     if kind == 4:
-        value = fake_eu.iban()
-        check = (int(value[2:4]) + rng.randint(1, 50)) % 97 + 2
-        return f"Account {value[:2]}{check:02d}{value[4:]} was rejected."
+        return pii_corpus.failed_iban(rng, fake_eu)
     if kind == 5:
-        return f"Invalid SSN {rng.choice(['000', '666', '912'])}-{rng.randint(10, 99)}-{rng.randint(1000, 9999)}."
+        return pii_corpus.never_issued_ssn(rng, ["000", "666", "912"])
     if kind == 6:
         return f"Total: ${rng.randint(1, 99)},{rng.randint(100, 999)}.{rng.randint(10, 99)} due {fake.date(pattern='%m/%d/%Y')}"
     if kind == 7:

@@ -428,6 +428,18 @@ def positive(entity):
     return parts
 
 
+def failed_iban(rng, faker):
+    """A registered IBAN with its check digits changed (fails mod-97), in a sentence."""
+    value = faker.iban()
+    check = (int(value[2:4]) + rng.randint(1, 50)) % 97 + 2
+    return f"Account {value[:2]}{check:02d}{value[4:]} was rejected."
+
+
+def never_issued_ssn(rng, areas):
+    """An SSN from an area the SSA never issues, in a sentence."""
+    return f"Invalid SSN {rng.choice(areas)}-{rng.randint(10, 99)}-{rng.randint(1000, 9999)}."
+
+
 def hard_negative():
     kind = rng.randrange(24)
     if kind == 0:
@@ -444,11 +456,9 @@ def hard_negative():
                 break
         return f"Reference {' '.join(bad[i:i + 4] for i in range(0, len(bad), 4))} is not a card."
     if kind == 4:
-        value = fake_eu.iban()
-        check = (int(value[2:4]) + rng.randint(1, 50)) % 97 + 2
-        return f"Account {value[:2]}{check:02d}{value[4:]} was rejected."
+        return failed_iban(rng, fake_eu)
     if kind == 5:
-        return f"Invalid SSN {rng.choice(['000', '666', '912', '987'])}-{rng.randint(10, 99)}-{rng.randint(1000, 9999)}."
+        return never_issued_ssn(rng, ["000", "666", "912", "987"])
     if kind == 6:
         return f"Request id {fake.uuid4()} took {rng.randint(10, 999)} ms."
     if kind == 7:
