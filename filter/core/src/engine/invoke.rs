@@ -1,0 +1,194 @@
+//! Running processors: the phase runner, and one invocation with its latency budget, panic
+//! containment and failure mode.
+
+use super::stream::*;
+use crate::config::FailureMode;
+use crate::host::{Direction, Host};
+use crate::json::Body;
+use crate::plugin::{Context, LocalReply, PhaseNeed, Plugin, PluginError};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+impl Stream {
+    pub(super) fn reply(&mut self, host: &mut dyn Host, reply: &LocalReply, details: &str) {
+        self.replied = true;
+        host.send_local_reply(reply.status, &reply.headers, &reply.body, details);
+    }
+
+    /// Runs the active processors of `direction` in order (with `headers_stage`, only the
+    /// header-only ones), then applies the changes. Returns false when a local reply was sent.
+    pub(super) fn run(
+        &mut self,
+        host: &mut dyn Host,
+        direction: Direction,
+        mut body: Body,
+        headers_stage: bool,
+    ) -> bool {
+        let chain = Arc::clone(&self.chain);
+        let mut request_headers_changed = false;
+        // After an early release the header-stage processors already ran, and the headers
+        // are gone.
+        let headers_gone = self.released(direction) && !headers_stage;
+        for (index, processor) in chain.processors.iter().enumerate() {
+            let need = processor.need(direction);
+            if !self.mask(direction)[index]
+                || need == PhaseNeed::Skip
+                || (headers_stage && need != PhaseNeed::Headers)
+                || (headers_gone && need == PhaseNeed::Headers)
+            {
+                continue;
+            }
+            let verdict = self.invoke(
+                host,
+                index,
+                Scope {
+                    direction,
+                    body: &mut body,
+                    request_headers_changed: Some(&mut request_headers_changed),
+                    headers_sent: headers_gone,
+                    emitted: None,
+                },
+                |plugin, ctx| {
+                    match direction {
+                        Direction::Request => plugin.on_request(ctx),
+                        Direction::Response => plugin.on_response(ctx),
+                    }
+                    .map(Step::from)
+                },
+            );
+            if let Verdict::Stop(reply, details) = verdict {
+                if headers_gone && direction == Direction::Response {
+                    // The status went out with the headers: end the exchange instead.
+                    log::warn!("{details}: the response headers already went out, resetting the stream");
+                    self.replied = true;
+                    host.reset_stream();
+                    return false;
+                }
+                self.reply(host, &reply, &details);
+                return false;
+            }
+        }
+        if let Some(bytes) = body.take_changes() {
+            host.replace_body(direction, &bytes);
+            if !headers_gone {
+                host.set_header(direction, "content-length", &bytes.len().to_string());
+            }
+        }
+        if request_headers_changed && !headers_gone {
+            host.clear_route_cache();
+        }
+        true
+    }
+
+    /// Runs one processor callback with its budget, metrics, panic guard and failure mode.
+    pub(super) fn invoke(
+        &mut self,
+        host: &mut dyn Host,
+        index: usize,
+        scope: Scope<'_>,
+        call: impl FnOnce(&dyn Plugin, &mut Context<'_>) -> Result<Step, PluginError>,
+    ) -> Verdict {
+        let Scope {
+            direction,
+            body,
+            request_headers_changed: changed_headers,
+            headers_sent,
+            emitted,
+        } = scope;
+        let mut request_headers_changed = false;
+        let chain = Arc::clone(&self.chain);
+        let processor = &chain.processors[index];
+        let metrics = processor.metrics;
+        let started = host.now_nanos();
+        let deadline_nanos = processor.timeout_nanos.map(|budget| started.saturating_add(budget));
+        let started_nanos = self.started_nanos;
+        let state = &mut self.states[index];
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            let mut ctx = Context {
+                host: &mut *host,
+                direction,
+                body,
+                request_headers_changed: &mut request_headers_changed,
+                deadline_nanos,
+                counters: &processor.counters,
+                gauges: &processor.gauges,
+                state,
+                started_nanos,
+                headers_sent,
+                emitted,
+            };
+            call(processor.plugin.as_ref(), &mut ctx)
+        }));
+        if let Some(changed) = changed_headers {
+            *changed |= request_headers_changed;
+        }
+        let elapsed = host.now_nanos().saturating_sub(started);
+        host.increment_counter(metrics.invocations, 1);
+        host.record_histogram(metrics.latency_us, elapsed / 1_000);
+        let overran = processor.timeout_nanos.is_some_and(|budget| elapsed > budget);
+        if overran {
+            host.increment_counter(metrics.budget_overruns, 1);
+        }
+        let failure = match outcome {
+            Ok(Ok(Step::Continue | Step::Drop)) if overran => Failure::Overrun,
+            Ok(Ok(Step::Continue)) => return Verdict::Continue,
+            Ok(Ok(Step::Drop)) => return Verdict::Drop,
+            Ok(Ok(Step::Reject(reply))) => {
+                host.increment_counter(metrics.rejections, 1);
+                log::debug!(
+                    "processor {} rejected the {} with {}",
+                    processor.name,
+                    direction.as_str(),
+                    reply.status
+                );
+                return Verdict::Stop(reply, format!("payload_processor.{}.rejected", processor.name));
+            }
+            Ok(Err(error)) => Failure::Error(error),
+            Err(_) => Failure::Panic,
+        };
+        let (reply, reason) = match &failure {
+            Failure::Error(error) => {
+                host.increment_counter(metrics.errors, 1);
+                (
+                    LocalReply::json_error(error.status.unwrap_or(500), &error.code, &error.message),
+                    error.message.clone(),
+                )
+            }
+            Failure::Overrun => (
+                LocalReply::json_error(
+                    500,
+                    "processor_budget_exceeded",
+                    &format!("processor {} exceeded its latency budget", processor.name),
+                ),
+                format!("latency budget exceeded ({elapsed} ns)"),
+            ),
+            Failure::Panic => {
+                host.increment_counter(metrics.panics, 1);
+                (
+                    LocalReply::json_error(
+                        500,
+                        "processor_panic",
+                        &format!("processor {} failed internally", processor.name),
+                    ),
+                    "panicked".to_string(),
+                )
+            }
+        };
+        // A panic leaves the plugin's work in an unknown state: always fail closed.
+        if processor.failure_mode == FailureMode::FailOpen && !matches!(failure, Failure::Panic) {
+            host.increment_counter(metrics.fail_open, 1);
+            log::warn!(
+                "processor {} failed open on the {}: {reason}",
+                processor.name,
+                direction.as_str()
+            );
+            return Verdict::Continue;
+        }
+        log::warn!(
+            "processor {} failed closed on the {}: {reason}",
+            processor.name,
+            direction.as_str()
+        );
+        Verdict::Stop(reply, format!("payload_processor.{}.failed", processor.name))
+    }
+}
