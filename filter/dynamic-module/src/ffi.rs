@@ -908,10 +908,14 @@ pub unsafe fn on_event(envoy: *mut c_void, filter: *const c_void, event: Event) 
         return 0;
     }
     let filter = &mut *filter.cast_mut().cast::<HttpFilter>();
+    if filter.poisoned {
+        return 0; // Continue: a contained panic already answered this stream
+    }
     let handle = FilterHandle(envoy);
     match catch_unwind(AssertUnwindSafe(|| filter.on_event(handle, event))) {
         Ok(status) => status,
         Err(_) => {
+            filter.poisoned = true;
             log::error!("payload-processor: internal panic contained; answering 500");
             let _ = catch_unwind(AssertUnwindSafe(|| {
                 let body = br#"{"error":{"message":"payload processor internal error","type":"server_error","code":"internal_error"}}"#;
@@ -922,7 +926,7 @@ pub unsafe fn on_event(envoy: *mut c_void, filter: *const c_void, event: Event) 
                     "payload_processor.internal_panic",
                 );
             }));
-            1 // StopIteration for headers and trailers; StopIterationAndBuffer is never right here
+            crate::panic_status(event)
         }
     }
 }

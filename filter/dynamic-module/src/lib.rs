@@ -211,10 +211,22 @@ impl ModuleConfig {
 pub struct HttpFilter {
     config: Arc<ModuleConfig>,
     stream: Stream,
+    /// A panic was contained in one of this stream's hooks: its state cannot be trusted, so
+    /// later hooks let the stream go on without running the engine again.
+    poisoned: bool,
 }
 
 // ABI statuses. Headers: Continue=0, StopIteration=1. Body: Continue=0,
 // StopIterationAndBuffer=1, StopIterationNoBuffer=3. Trailers: Continue=0, StopIteration=1.
+/// The status after a contained panic was answered with a local reply: stop, without asking
+/// a body hook to buffer what will never be used (StopIterationNoBuffer).
+fn panic_status(event: Event) -> i32 {
+    match event {
+        Event::RequestBody(_) | Event::ResponseBody(_) => 3,
+        Event::RequestHeaders(_) | Event::ResponseHeaders(_) | Event::RequestTrailers | Event::ResponseTrailers => 1,
+    }
+}
+
 fn headers_status(flow: HeadersFlow) -> i32 {
     match flow {
         HeadersFlow::Continue => 0,
@@ -240,7 +252,11 @@ fn trailers_status(flow: BodyFlow) -> i32 {
 impl HttpFilter {
     fn new(config: Arc<ModuleConfig>) -> Self {
         let stream = Stream::new(Arc::clone(&config.chain));
-        Self { config, stream }
+        Self {
+            config,
+            stream,
+            poisoned: false,
+        }
     }
 
     fn on_event(&mut self, handle: FilterHandle, event: Event) -> i32 {
@@ -287,5 +303,27 @@ fn install_logger() {
     static LOGGER: EnvoyLogger = EnvoyLogger;
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(log::LevelFilter::Trace);
+    }
+}
+
+#[cfg(test)]
+mod panic_tests {
+    use super::*;
+
+    #[test]
+    fn a_contained_panic_stops_each_hook_as_that_hook_allows() {
+        // Headers and trailers: StopIteration; bodies: StopIterationNoBuffer, never a request
+        // to buffer a body no one will read after the local reply.
+        for (event, status) in [
+            (Event::RequestHeaders(false), 1),
+            (Event::RequestBody(false), 3),
+            (Event::RequestBody(true), 3),
+            (Event::RequestTrailers, 1),
+            (Event::ResponseHeaders(true), 1),
+            (Event::ResponseBody(false), 3),
+            (Event::ResponseTrailers, 1),
+        ] {
+            assert_eq!(panic_status(event), status, "{event:?}");
+        }
     }
 }
