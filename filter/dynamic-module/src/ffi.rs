@@ -208,6 +208,7 @@ envoy_callbacks! {
         body: ModuleBuffer,
         details: ModuleBuffer,
     );
+    fn envoy_dynamic_module_callback_http_filter_reset_stream(filter: *mut c_void, reason: i32, details: ModuleBuffer);
     fn envoy_dynamic_module_callback_http_clear_route_cache(filter: *mut c_void);
     fn envoy_dynamic_module_callback_http_get_buffer_limit(filter: *mut c_void) -> u64;
     fn envoy_dynamic_module_callback_http_set_buffer_limit(filter: *mut c_void, limit: u64);
@@ -576,6 +577,14 @@ impl FilterHandle {
         };
     }
 
+    /// Resets the stream (reason LocalReset): for an answer whose headers already went out,
+    /// which a local reply can no longer replace.
+    pub(crate) fn reset_stream(&self, details: &str) {
+        unsafe {
+            envoy_dynamic_module_callback_http_filter_reset_stream(self.0, 0, ModuleBuffer::of(details.as_bytes()))
+        };
+    }
+
     pub(crate) fn clear_route_cache(&self) {
         unsafe { envoy_dynamic_module_callback_http_clear_route_cache(self.0) };
     }
@@ -916,6 +925,14 @@ pub unsafe fn on_event(envoy: *mut c_void, filter: *const c_void, event: Event) 
         Ok(status) => status,
         Err(_) => {
             filter.poisoned = true;
+            if filter.response_headers_sent {
+                // The status went out already: a local reply cannot replace it.
+                log::error!("payload-processor: internal panic contained; resetting the stream");
+                let _ = catch_unwind(AssertUnwindSafe(|| {
+                    handle.reset_stream("payload_processor.internal_panic")
+                }));
+                return crate::panic_status(event);
+            }
             log::error!("payload-processor: internal panic contained; answering 500");
             let _ = catch_unwind(AssertUnwindSafe(|| {
                 let body = br#"{"error":{"message":"payload processor internal error","type":"server_error","code":"internal_error"}}"#;

@@ -39,6 +39,11 @@ fn is_request(dir: Direction) -> bool {
 }
 
 impl Host for EnvoyHost<'_> {
+    fn reset_stream(&mut self) {
+        self.filter
+            .reset_stream("payload_processor.response_rejected_after_headers");
+    }
+
     fn header(&self, dir: Direction, name: &str) -> Option<String> {
         self.filter.header(is_request(dir), name).map(|bytes| {
             String::from_utf8(bytes).unwrap_or_else(|err| String::from_utf8_lossy(err.as_bytes()).into_owned())

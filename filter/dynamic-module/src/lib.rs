@@ -214,6 +214,9 @@ pub struct HttpFilter {
     /// A panic was contained in one of this stream's hooks: its state cannot be trusted, so
     /// later hooks let the stream go on without running the engine again.
     poisoned: bool,
+    /// The response headers hook let the headers go on: a contained panic after this resets
+    /// the stream instead of answering.
+    response_headers_sent: bool,
 }
 
 // ABI statuses. Headers: Continue=0, StopIteration=1. Body: Continue=0,
@@ -256,6 +259,7 @@ impl HttpFilter {
             config,
             stream,
             poisoned: false,
+            response_headers_sent: false,
         }
     }
 
@@ -266,7 +270,11 @@ impl HttpFilter {
             Event::RequestHeaders(eos) => headers_status(self.stream.on_request_headers(&mut host, eos)),
             Event::RequestBody(eos) => body_status(self.stream.on_request_body(&mut host, eos)),
             Event::RequestTrailers => trailers_status(self.stream.on_request_trailers(&mut host)),
-            Event::ResponseHeaders(eos) => headers_status(self.stream.on_response_headers(&mut host, eos)),
+            Event::ResponseHeaders(eos) => {
+                let status = headers_status(self.stream.on_response_headers(&mut host, eos));
+                self.response_headers_sent = status == 0;
+                status
+            }
             Event::ResponseBody(eos) => body_status(self.stream.on_response_body(&mut host, eos)),
             Event::ResponseTrailers => trailers_status(self.stream.on_response_trailers(&mut host)),
         }
