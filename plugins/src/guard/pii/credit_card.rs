@@ -1,7 +1,7 @@
 //! Payment card numbers: 13 to 19 digits, written plain or in groups of 4 (Amex 4-6-5,
 //! Diners 4-6-4), with a known issuer prefix, passing the Luhn check.
 
-use super::{DigitShape, Entity, Recognizer, Text};
+use super::{lower_before, DigitShape, Entity, Recognizer, Text};
 use std::ops::Range;
 
 /// Recognizes payment card numbers.
@@ -115,11 +115,7 @@ fn short_plain_needs_context(text: &str, start: usize, candidate: &str) -> bool 
     if candidate.len() == 13 && candidate.starts_with('4') {
         return false;
     }
-    let mut from = start.saturating_sub(64);
-    while !text.is_char_boundary(from) {
-        from -= 1;
-    }
-    let before = text[from..start].to_lowercase();
+    let before = lower_before(text, start, 64);
     !CARD_CONTEXT.iter().any(|word| before.contains(word))
 }
 

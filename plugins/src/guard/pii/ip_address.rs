@@ -4,7 +4,7 @@
 //! word, with a CIDR suffix (`10.0.0.0/8`, `fe80::/10`) or an RFC 6874 zone id (`%eth0`)
 //! taken along.
 
-use super::{Entity, Recognizer, Text};
+use super::{lower_before, Entity, Recognizer, Text};
 use std::net::Ipv6Addr;
 use std::ops::Range;
 
@@ -68,11 +68,8 @@ fn zone_after(bytes: &[u8], end: usize) -> usize {
 
 /// `version 4.15.5.84`, `v1.2.3.4`: a four-part version number, not an address.
 fn after_version_word(text: &str, start: usize) -> bool {
-    let mut from = start.saturating_sub(12);
-    while !text.is_char_boundary(from) {
-        from -= 1;
-    }
-    let before = text[from..start].trim_end().to_ascii_lowercase();
+    let before = lower_before(text, start, 12);
+    let before = before.trim_end();
     ["version", "ver", "ver.", "release", "build", "v", "firmware", "fw"]
         .iter()
         .any(|word| {

@@ -415,6 +415,16 @@ impl DigitShape {
     }
 }
 
+/// Up to `window` bytes of `text` before `start`, lower-cased: where recognizers look for
+/// context words (`phone`, `SSN`, `card`, `version`).
+pub(crate) fn lower_before(text: &str, start: usize, window: usize) -> String {
+    let mut from = start.saturating_sub(window);
+    while !text.is_char_boundary(from) {
+        from -= 1;
+    }
+    text[from..start].to_lowercase()
+}
+
 /// Lengths of the digit groups of `text` (`415-555-0100` → `[3, 3, 4]`).
 pub(crate) fn digit_groups(text: &str) -> Vec<usize> {
     text.split(|c: char| !c.is_ascii_digit())

@@ -16,7 +16,7 @@
 //! order/invoice/account-style word, dates, versions, IPv4 addresses, thousands groupings and
 //! sequential or repeated digit runs (`1234567890`, `555-555-5555`) are not phones.
 
-use super::{digit_groups, extension_after, DigitShape, Entity, Recognizer, Text};
+use super::{digit_groups, extension_after, lower_before, DigitShape, Entity, Recognizer, Text};
 use std::ops::Range;
 
 /// Recognizes phone numbers.
@@ -96,15 +96,6 @@ fn international(digits: &[u8], trunk_written: bool) -> bool {
     (8..=15).contains(&(digits.len() - usize::from(trunk_written))) && (min..=max).contains(&national)
 }
 
-/// The lower-cased text just before `start`.
-fn words_before(text: &str, start: usize) -> String {
-    let mut from = start.saturating_sub(24);
-    while !text.is_char_boundary(from) {
-        from -= 1;
-    }
-    text[from..start].to_lowercase()
-}
-
 /// A context word counts unless it is a mask tag such as `[PHONE]` (found by fuzzing: masking one
 /// number must not turn the next into a phone number).
 fn has_phone_context(before: &str) -> bool {
@@ -180,7 +171,7 @@ fn bare_number(text: &str, start: usize, digits: &[u8]) -> bool {
         (10 | 11, 0, 1..=9) => true,      // a trunk 0
         _ => false,
     };
-    let before = words_before(text, start);
+    let before = lower_before(text, start, 24);
     (by_length && !looks_like_identifier(&before)) || has_phone_context(&before)
 }
 

@@ -3,7 +3,7 @@
 //! excluding numbers the SSA never issues: area 000, 666 or 900-999, group 00, serial 0000.
 //! Context words are extra evidence, never required for the separated forms.
 
-use super::{digit_groups, Entity, Recognizer, Text};
+use super::{digit_groups, lower_before, Entity, Recognizer, Text};
 use std::ops::Range;
 
 /// Recognizes US social security numbers.
@@ -18,11 +18,7 @@ fn issued(area: u32, group: u32, serial: u32) -> bool {
 }
 
 fn in_context(text: &str, start: usize) -> bool {
-    let mut from = start.saturating_sub(32);
-    while !text.is_char_boundary(from) {
-        from -= 1;
-    }
-    let before = text[from..start].to_ascii_lowercase();
+    let before = lower_before(text, start, 32);
     SSN_CONTEXT.iter().any(|word| before.contains(word))
 }
 
