@@ -4,6 +4,7 @@
 #   dist/payload_processor.wasm           the proxy-wasm filter with the built-in plugins
 #   dist/libcustom_payload_processor.so   the third-party example (built-ins + its own plugins)
 #   dist/custom_payload_processor.wasm    the same example as proxy-wasm
+#   dist/payload-processor                the offline CLI: validate, run, schema
 # The example has its own target directory: it depends on the adapters with their exports
 # turned off, and sharing one would overwrite the uplifted adapter cdylibs with that variant.
 set -euo pipefail
@@ -12,8 +13,8 @@ mkdir -p dist
 wasm=(--profile wasm-release --target wasm32-wasip1)
 example=(--manifest-path examples/custom-plugin/Cargo.toml --target-dir target/example)
 
-cargo build --release --locked -p payload-processor-dynamic-module
-cp target/release/libpayload_processor.so dist/
+cargo build --release --locked -p payload-processor-dynamic-module -p payload-processor-cli
+cp target/release/libpayload_processor.so target/release/payload-processor dist/
 cargo build "${wasm[@]}" --locked -p payload-processor-proxy-wasm
 cp target/wasm32-wasip1/wasm-release/payload_processor_wasm.wasm dist/payload_processor.wasm
 cargo build --release "${example[@]}"

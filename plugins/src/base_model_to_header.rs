@@ -15,6 +15,7 @@ use crate::common::{field_as_text, field_path};
 use payload_processor_core::{
     BuildContext, ConfigError, Context, Decision, FieldPath, PhaseNeed, Plugin, PluginError, RequestEdits,
 };
+use schemars::JsonSchema;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,8 +24,9 @@ use std::sync::Arc;
 pub const TYPE_NAME: &str = "base-model-to-header";
 
 /// Parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(rename = "BaseModelToHeaderParameters")]
 pub struct Config {
     /// LoRA adapter name -> base model.
     #[serde(default)]

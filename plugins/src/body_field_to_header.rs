@@ -16,6 +16,7 @@ use payload_processor_core::{
     BuildContext, ConfigError, Context, Counter, Decision, FieldPath, LocalReply, PhaseNeed, Plugin, PluginError,
     RequestEdits,
 };
+use schemars::JsonSchema;
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -23,8 +24,9 @@ use std::sync::Arc;
 pub const TYPE_NAME: &str = "body-field-to-header";
 
 /// Parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(rename = "BodyFieldToHeaderParameters")]
 pub struct Config {
     /// Top-level key, or a JSONPath such as `$.metadata.tenant`.
     #[serde(default = "default_field")]

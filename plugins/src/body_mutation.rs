@@ -27,6 +27,7 @@ use payload_processor_core::{
     BuildContext, ConfigError, Context, Counter, Decision, FieldPath, JsonError, PhaseNeed, Plugin, PluginError,
     RequestEdits, WritePath,
 };
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{Number, Value};
 use std::sync::Arc;
@@ -35,8 +36,9 @@ use std::sync::Arc;
 pub const TYPE_NAME: &str = "body-mutation";
 
 /// Parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(rename = "BodyMutationParameters")]
 pub struct Config {
     /// Body operations, applied in order.
     #[serde(default)]
@@ -46,24 +48,24 @@ pub struct Config {
     pub headers: Vec<HeaderOperationConfig>,
 }
 
-/// Kind of a body operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub enum Op {
-    /// Write `value` (or the `from` source) at `path`.
-    Set,
-    /// Like `set`, only when `path` is absent.
-    SetDefault,
-    /// Delete `path`.
-    Remove,
-    /// Move the value at `path` to `to`.
-    Rename,
-    /// Bound the number at `path` by `min` and/or `max`.
-    Clamp,
+payload_processor_core::config_enum! {
+    /// Kind of a body operation.
+    pub enum Op {
+        /// Write `value` (or the `from` source) at `path`.
+        Set = "Set" | "set",
+        /// Like `Set`, only when `path` is absent.
+        SetDefault = "SetDefault" | "setDefault",
+        /// Delete `path`.
+        Remove = "Remove" | "remove",
+        /// Move the value at `path` to `to`.
+        Rename = "Rename" | "rename",
+        /// Bound the number at `path` by `min` and/or `max`.
+        Clamp = "Clamp" | "clamp",
+    }
 }
 
 /// One body operation.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OperationConfig {
     /// What to do.
@@ -85,20 +87,20 @@ pub struct OperationConfig {
     pub required: bool,
 }
 
-/// Kind of a header operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub enum HeaderOp {
-    /// Set `name` to `value`.
-    Set,
-    /// Remove `name`.
-    Remove,
-    /// Set `name` from the body field at `path`.
-    SetFromBody,
+payload_processor_core::config_enum! {
+    /// Kind of a header operation.
+    pub enum HeaderOp {
+        /// Set `name` to `value`.
+        Set = "Set" | "set",
+        /// Remove `name`.
+        Remove = "Remove" | "remove",
+        /// Set `name` from the body field at `path`.
+        SetFromBody = "SetFromBody" | "setFromBody",
+    }
 }
 
 /// One header operation.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HeaderOperationConfig {
     /// What to do.

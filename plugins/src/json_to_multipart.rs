@@ -18,6 +18,7 @@
 
 use base64::Engine;
 use payload_processor_core::{BuildContext, ConfigError, Context, Counter, Decision, PhaseNeed, Plugin, PluginError};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::borrow::Cow;
@@ -27,15 +28,16 @@ use std::sync::Arc;
 pub const TYPE_NAME: &str = "json-to-multipart";
 
 /// Parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(rename = "JsonToMultipartParameters")]
 pub struct Config {
     /// Fields that hold file contents.
     pub file_fields: Vec<FileFieldConfig>,
 }
 
 /// One file field.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileFieldConfig {
     /// Top-level JSON field.

@@ -26,23 +26,28 @@ use payload_processor_core::{BuildFn, Registry};
 
 /// Registers every built-in plugin type.
 pub fn register_builtins(registry: &mut Registry) {
-    let mut register = |name: &str, build: BuildFn| {
-        registry
-            .register(name, build)
-            .expect("built-in plugin types are unique kebab-case names");
-    };
-    register(body_field_to_header::TYPE_NAME, body_field_to_header::build);
-    register(base_model_to_header::TYPE_NAME, base_model_to_header::build);
-    register(token_usage::TYPE_NAME, token_usage::build);
-    register(body_mutation::TYPE_NAME, body_mutation::build);
-    register(model_rewrite::TYPE_NAME, model_rewrite::build);
-    register(prompt_decorator::TYPE_NAME, prompt_decorator::build);
-    register(request_validator::TYPE_NAME, request_validator::build);
-    register(json_to_multipart::TYPE_NAME, json_to_multipart::build);
-    register(mcp_router::TYPE_NAME, mcp_router::build);
-    register(pii_guard::TYPE_NAME, pii_guard::build);
-    register(prompt_guard::TYPE_NAME, prompt_guard::build);
-    register(endpoint_picker::TYPE_NAME, endpoint_picker::build);
+    // Each type with the config its parameters deserialize into, for the chain's JSON Schema.
+    macro_rules! builtin {
+        ($($module:ident),+ $(,)?) => {$(
+            registry
+                .register_typed::<$module::Config>($module::TYPE_NAME, $module::build as BuildFn)
+                .expect("built-in plugin types are unique kebab-case names");
+        )+};
+    }
+    builtin!(
+        body_field_to_header,
+        base_model_to_header,
+        token_usage,
+        body_mutation,
+        model_rewrite,
+        prompt_decorator,
+        request_validator,
+        json_to_multipart,
+        mcp_router,
+        pii_guard,
+        prompt_guard,
+        endpoint_picker,
+    );
 }
 
 /// A registry holding the built-in plugin types.

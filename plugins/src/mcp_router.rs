@@ -22,6 +22,7 @@ use crate::common::validate_header_name;
 use payload_processor_core::{
     BuildContext, ConfigError, Context, Counter, Decision, LocalReply, PhaseNeed, Plugin, PluginError, RequestEdits,
 };
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -30,8 +31,9 @@ use std::sync::Arc;
 pub const TYPE_NAME: &str = "mcp-router";
 
 /// Parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(rename = "McpRouterParameters")]
 pub struct Config {
     /// Header for the JSON-RPC method.
     #[serde(default = "method_header")]

@@ -25,6 +25,7 @@ use payload_processor_core::{
     BuildContext, ConfigError, Context, Counter, Decision, FieldPath, PhaseNeed, Plugin, PluginError,
 };
 use regex::Regex;
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::Value;
 use std::sync::Arc;
@@ -33,8 +34,9 @@ use std::sync::Arc;
 pub const TYPE_NAME: &str = "model-rewrite";
 
 /// Parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(rename = "ModelRewriteParameters")]
 pub struct Config {
     /// Rules, first match wins.
     pub rules: Vec<RuleConfig>,
@@ -63,7 +65,7 @@ fn default_namespace() -> String {
 }
 
 /// One rule.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RuleConfig {
     /// Exact model name.
@@ -75,7 +77,7 @@ pub struct RuleConfig {
 }
 
 /// One target.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TargetConfig {
     /// Target model name.

@@ -16,6 +16,7 @@
 use payload_processor_core::{
     Api, BuildContext, ConfigError, Context, Counter, Decision, PhaseNeed, Plugin, PluginError, RequestEdits,
 };
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
@@ -24,8 +25,9 @@ use std::sync::Arc;
 pub const TYPE_NAME: &str = "prompt-decorator";
 
 /// Parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(rename = "PromptDecoratorParameters")]
 pub struct Config {
     /// Messages put before the request's own.
     #[serde(default)]
@@ -39,7 +41,7 @@ pub struct Config {
 }
 
 /// One message to add.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MessageConfig {
     /// `system`, `developer`, `user` or `assistant`.

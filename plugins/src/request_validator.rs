@@ -21,6 +21,7 @@ use crate::common::field_path;
 use payload_processor_core::{
     BuildContext, ConfigError, Context, Decision, FieldPath, LocalReply, PhaseNeed, Plugin, PluginError, RequestEdits,
 };
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::Value;
 use std::sync::Arc;
@@ -30,8 +31,9 @@ use std::time::{Duration, UNIX_EPOCH};
 pub const TYPE_NAME: &str = "request-validator";
 
 /// Parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(rename = "RequestValidatorParameters")]
 pub struct Config {
     /// Fields (names or JSONPaths) that must be present and not null.
     #[serde(default)]
@@ -59,6 +61,7 @@ pub struct Config {
     pub deadline_field: Option<String>,
     /// How long before the deadline a request is already refused.
     #[serde(default, deserialize_with = "payload_processor_core::config::deserialize_duration")]
+    #[schemars(with = "Option<String>")]
     pub deadline_margin: Option<Duration>,
 }
 

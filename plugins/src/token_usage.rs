@@ -35,6 +35,7 @@ use payload_processor_core::{
     Api, BuildContext, ConfigError, Context, Counter, Decision, EventDecision, FieldPath, PhaseNeed, Plugin,
     PluginError, RequestEdits, SseEvent, StreamNeed,
 };
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::Value;
 use std::sync::Arc;
@@ -43,8 +44,9 @@ use std::sync::Arc;
 pub const TYPE_NAME: &str = "token-usage";
 
 /// Parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(rename = "TokenUsageParameters")]
 pub struct Config {
     /// Dynamic metadata namespace.
     #[serde(default = "default_namespace")]

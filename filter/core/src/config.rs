@@ -4,6 +4,7 @@
 //! with the same path syntax. All structs reject unknown fields and use camelCase keys.
 
 use crate::error::ConfigError;
+use schemars::JsonSchema;
 use serde::Deserialize;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use std::time::Duration;
 pub const DEFAULT_BODY_LIMIT: u64 = 2 * 1024 * 1024;
 
 /// Top level of a chain configuration.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FilterConfig {
     /// Body size limits for buffering processors.
@@ -23,7 +24,7 @@ pub struct FilterConfig {
 }
 
 /// Body size limits. A body above the limit is answered with 413 (request) or 502 (response).
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Limits {
     /// Largest request body a buffering processor accepts.
@@ -48,7 +49,7 @@ impl Default for Limits {
 }
 
 /// What happens when a processor fails (error, panic, budget overrun).
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq, JsonSchema)]
 pub enum FailureMode {
     /// The request is answered with an error (the default: a guard that fails must not let traffic through).
     #[default]
@@ -58,7 +59,7 @@ pub enum FailureMode {
 }
 
 /// One processor of the chain.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProcessorConfig {
     /// Unique name; used in stats and logs.
@@ -71,17 +72,19 @@ pub struct ProcessorConfig {
     pub failure_mode: FailureMode,
     /// Latency budget such as `500us` or `2ms`.
     #[serde(default, deserialize_with = "deserialize_duration")]
+    #[schemars(with = "Option<String>")]
     pub timeout: Option<Duration>,
     /// Conditions under which the processor runs; always when absent.
     #[serde(default, rename = "match")]
     pub match_: Option<MatchConfig>,
     /// The plugin's own typed configuration.
     #[serde(default)]
+    #[schemars(with = "Option<serde_json::Map<String, serde_json::Value>>")]
     pub parameters: serde_json::Value,
 }
 
 /// Match conditions; all given conditions must hold.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MatchConfig {
     /// The request path (without query) must start with one of these.
@@ -96,7 +99,7 @@ pub struct MatchConfig {
 }
 
 /// A condition on one request header. Exactly one of `exact`, `prefix`, `regex`, `present`.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HeaderCondition {
     /// Header name (case-insensitive).

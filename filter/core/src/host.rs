@@ -111,4 +111,26 @@ pub trait Host {
     /// dynamic metadata such clusters read need nothing here; proxy-wasm, which cannot write
     /// dynamic metadata, sets the typed filter state those clusters honour.
     fn set_original_destination(&mut self, _endpoint: &str) {}
+    /// True when the host wants a [`ProcessorTrace`] after every invocation (the offline
+    /// CLI); proxies leave it off and pay nothing.
+    fn tracing(&self) -> bool {
+        false
+    }
+    /// Receives a trace when [`Host::tracing`] is on.
+    fn trace(&mut self, _trace: &ProcessorTrace<'_>) {}
+}
+
+/// What one processor invocation did, for hosts that trace ([`Host::tracing`]).
+#[derive(Debug)]
+pub struct ProcessorTrace<'a> {
+    /// The processor's name.
+    pub processor: &'a str,
+    /// The direction it ran on.
+    pub direction: Direction,
+    /// `continue`, `drop`, `reject <status>`, `failed open: <reason>` or `failed closed: <reason>`.
+    pub outcome: &'a str,
+    /// Time spent in the plugin.
+    pub elapsed_nanos: u64,
+    /// The body of the direction after the invocation (edits included); empty for streamed events.
+    pub body: &'a [u8],
 }

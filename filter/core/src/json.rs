@@ -624,6 +624,14 @@ impl Body {
         self.bytes_replaced = true;
     }
 
+    /// The body as it stands now, edits included (serialized when a parsed document changed).
+    pub fn current(&self) -> std::borrow::Cow<'_, [u8]> {
+        match &self.doc {
+            Some(doc) if self.doc_changed => serde_json::to_vec(doc).expect("a Value always serializes").into(),
+            _ => self.raw.as_slice().into(),
+        }
+    }
+
     /// The bytes to send on, when the body changed.
     pub fn take_changes(&mut self) -> Option<Vec<u8>> {
         if self.doc_changed {

@@ -49,13 +49,14 @@ mod plugin;
 mod registry;
 pub mod sse;
 pub mod testing;
+pub mod vocabulary;
 
 pub use background::{Background, BackgroundContext, BackgroundHost, CalloutError, CalloutRequest, CalloutResponse};
 pub use config::{FailureMode, FilterConfig, Limits};
 pub use engine::{BodyFlow, Chain, HeadersFlow, MetricDef, MetricKind, Stream};
 pub use error::ConfigError;
 pub use event_stream::Api;
-pub use host::{Direction, HeadersHold, Host, MetricId};
+pub use host::{Direction, HeadersHold, Host, MetricId, ProcessorTrace};
 pub use json::{Body, FieldPath, JsonError, SelectPath, Step, WritePath};
 pub use metrics::{Counter, Gauge};
 pub use plugin::{

@@ -108,6 +108,14 @@ pub enum RegistryError {
 #[derive(Default)]
 pub struct Registry {
     factories: BTreeMap<String, Box<dyn PluginFactory>>,
+    schemas: BTreeMap<String, SchemaFn>,
+}
+
+/// Writes the JSON Schema of one plugin type's `parameters` (definitions go to the generator).
+type SchemaFn = fn(&mut schemars::SchemaGenerator) -> schemars::Schema;
+
+fn parameters_schema<C: schemars::JsonSchema>(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    generator.subschema_for::<C>()
 }
 
 impl Registry {
@@ -132,6 +140,40 @@ impl Registry {
         }
         self.factories.insert(type_name.to_string(), Box::new(factory));
         Ok(())
+    }
+
+    /// Registers a factory whose `parameters` deserialize into `C`, so that the chain's JSON
+    /// Schema ([`Registry::chain_schema`]) describes them. Types registered with
+    /// [`Registry::register`] accept any `parameters` object in the schema.
+    pub fn register_typed<C: schemars::JsonSchema>(
+        &mut self,
+        type_name: &str,
+        factory: impl PluginFactory + 'static,
+    ) -> Result<(), RegistryError> {
+        self.register(type_name, factory)?;
+        self.schemas.insert(type_name.to_string(), parameters_schema::<C>);
+        Ok(())
+    }
+
+    /// The JSON Schema (draft 2020-12) of a whole chain configuration with this registry's
+    /// plugin types: `type` is one of them, and `parameters` follows the type's own schema.
+    pub fn chain_schema(&self) -> serde_json::Value {
+        let mut generator = schemars::generate::SchemaSettings::draft2020_12().into_generator();
+        let mut branches = Vec::new();
+        for (type_name, schema_fn) in &self.schemas {
+            let parameters = serde_json::to_value(schema_fn(&mut generator)).unwrap_or_default();
+            branches.push(serde_json::json!({
+                "if": {"properties": {"type": {"const": type_name}}, "required": ["type"]},
+                "then": {"properties": {"parameters": parameters}},
+            }));
+        }
+        let mut root = serde_json::to_value(generator.root_schema_for::<crate::FilterConfig>()).unwrap_or_default();
+        if let Some(processor) = root.pointer_mut("/$defs/ProcessorConfig") {
+            processor["properties"]["type"]["enum"] = self.type_names().collect();
+            processor["allOf"] = serde_json::Value::Array(branches);
+        }
+        root["title"] = "envoy-payload-processor chain configuration".into();
+        root
     }
 
     /// The registered type names, sorted.

@@ -2,11 +2,12 @@
 
 use super::*;
 use payload_processor_core::config::deserialize_duration;
+use schemars::JsonSchema;
 use serde::Deserialize;
 use std::time::Duration;
 
 /// One endpoint: `"ip:port"` or `{address, adapters}`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum EndpointConfig {
     /// `ip:port`.
@@ -22,7 +23,7 @@ pub enum EndpointConfig {
 }
 
 /// When an endpoint counts as saturated.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Saturation {
     /// Waiting-queue depth at or above which...
@@ -50,7 +51,7 @@ impl Default for Saturation {
 }
 
 /// Scorer weights (zero turns one off).
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ScorerWeights {
     /// Queue depth.
@@ -89,7 +90,7 @@ impl Default for ScorerWeights {
 }
 
 /// Prefix-cache index settings.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PrefixConfig {
     /// Prompt bytes per block.
@@ -124,8 +125,9 @@ impl Default for PrefixConfig {
 }
 
 /// Parameters.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(rename = "EndpointPickerParameters")]
 pub struct Config {
     /// The pool.
     pub endpoints: Vec<EndpointConfig>,
@@ -137,12 +139,15 @@ pub struct Config {
     pub metrics_path: String,
     /// How often each endpoint is scraped (default 50ms).
     #[serde(default, deserialize_with = "deserialize_duration")]
+    #[schemars(with = "Option<String>")]
     pub scrape_interval: Option<Duration>,
     /// How long a scrape may take (default 1s).
     #[serde(default, deserialize_with = "deserialize_duration")]
+    #[schemars(with = "Option<String>")]
     pub scrape_timeout: Option<Duration>,
     /// Metrics older than this make an endpoint stale (default 200ms).
     #[serde(default, deserialize_with = "deserialize_duration")]
+    #[schemars(with = "Option<String>")]
     pub stale_after: Option<Duration>,
     /// Metric names.
     #[serde(default)]

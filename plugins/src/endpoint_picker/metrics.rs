@@ -2,6 +2,7 @@
 //! uses. Parsing is done by `openmetrics-parser`; this file only picks the metrics out.
 
 use openmetrics_parser::{prometheus::parse_prometheus, MetricNumber, PrometheusValue};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Largest metrics page read; a model server's page is a few tens of KiB.
@@ -9,7 +10,7 @@ pub(crate) const MAX_METRICS_BYTES: usize = 4 << 20;
 
 /// Which metric names carry each number. Each entry lists names tried in order (vLLM renamed
 /// `gpu_cache_usage_perc` to `kv_cache_usage_perc`); the first present wins.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MetricNames {
     /// Requests waiting in the server's queue.
@@ -51,7 +52,7 @@ impl Default for MetricNames {
 }
 
 /// What one scrape says about a server.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ServerMetrics {
     /// Queue depth (sum over the page's series).
     pub waiting: f64,
@@ -65,7 +66,7 @@ pub struct ServerMetrics {
 }
 
 /// The server's LoRA adapters, from the newest `lora_requests_info` series.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct LoraInfo {
     /// Adapters running or waiting.
     pub active: Vec<String>,

@@ -24,6 +24,7 @@ use payload_processor_core::{
     Api, BuildContext, ConfigError, Context, Counter, Decision, Direction, EventDecision, LocalReply, PhaseNeed,
     Plugin, PluginError, RequestEdits, SelectPath, SseEvent, StreamNeed,
 };
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::Sha256;
@@ -31,7 +32,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 
 /// What to do with a finding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 pub enum Action {
     /// Refuse the request (or stop the response) with the configured reply.
     Reject,
@@ -52,7 +53,7 @@ impl Action {
 }
 
 /// Which side of the exchange a guard inspects.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
 pub enum GuardDirection {
     /// Prompts only.
     Request,
@@ -72,7 +73,7 @@ impl GuardDirection {
 }
 
 /// How a masked value is written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, JsonSchema)]
 pub enum MaskStyle {
     /// A tag naming the kind: `[EMAIL]`.
     #[default]
@@ -84,7 +85,7 @@ pub enum MaskStyle {
 }
 
 /// Masking parameters.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MaskConfig {
     /// How the value is replaced (default `Tag`).
@@ -99,7 +100,7 @@ pub struct MaskConfig {
 }
 
 /// A custom reply for rejections.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RejectConfig {
     /// HTTP status (default 400).
@@ -112,7 +113,7 @@ pub struct RejectConfig {
 }
 
 /// Where the inspected text is, beyond (or instead of) the known API shapes.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TextPathsConfig {
     /// JSONPaths into request bodies.

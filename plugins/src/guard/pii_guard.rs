@@ -25,6 +25,7 @@ use crate::guard::{
 use crate::pii::{drop_overlapped, Entity, Recognizer, Text};
 use payload_processor_core::{BuildContext, ConfigError, Plugin};
 use regex::{Regex, RegexBuilder};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -36,8 +37,9 @@ pub const TYPE_NAME: &str = "pii-guard";
 /// Parameters. The fields both guards share (`direction` to `streamHoldBackBytes`) are
 /// repeated in each guard's config rather than flattened: serde cannot refuse unknown fields
 /// through `flatten`, and a misspelt guard parameter must be an error.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(rename = "PiiGuardParameters")]
 pub struct Config {
     /// Built-in entities to look for (default: all).
     #[serde(default = "all_entities")]
@@ -74,7 +76,7 @@ pub struct Config {
 }
 
 /// Action and masking of one entity.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EntityOverride {
     /// Action for this entity.
@@ -84,7 +86,7 @@ pub struct EntityOverride {
 }
 
 /// A recognizer given as a regex.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CustomPattern {
     /// Name in reports and the default mask tag (lower-case letters, digits, `_`, `-`).

@@ -32,6 +32,7 @@ use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 use base64::Engine as _;
 use payload_processor_core::{BuildContext, ConfigError, Plugin};
 use regex::{Regex, RegexBuilder};
+use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::Value;
 use std::sync::Arc;
@@ -42,8 +43,9 @@ pub const TYPE_NAME: &str = "prompt-guard";
 /// Parameters. The fields both guards share (`direction` to `streamHoldBackBytes`) are
 /// repeated in each guard's config rather than flattened: serde cannot refuse unknown fields
 /// through `flatten`, and a misspelt guard parameter must be an error.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(rename = "PromptGuardParameters")]
 pub struct Config {
     /// Rules whose matches are findings.
     #[serde(default)]
@@ -80,8 +82,9 @@ pub struct Config {
 }
 
 /// A deny or allow rule: a regex or a keyword list.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(rename = "PromptGuardRule")]
 pub struct RuleConfig {
     /// Name in reports, stats and the default reply.
     pub name: String,
@@ -102,16 +105,16 @@ pub struct RuleConfig {
     pub mask: Option<MaskConfig>,
 }
 
-/// A built-in rule set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BuiltinSet {
-    /// Prompt-injection heuristics, scored.
-    PromptInjection,
+payload_processor_core::config_enum! {
+    /// A built-in rule set.
+    pub enum BuiltinSet {
+        /// Prompt-injection heuristics, scored.
+        PromptInjection = "PromptInjection" | "prompt-injection",
+    }
 }
 
 /// Settings of the `prompt-injection` set.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct InjectionConfig {
     /// Summed heuristic score at which a text is an injection (default 0.8).
@@ -148,7 +151,7 @@ impl Default for InjectionConfig {
 }
 
 /// Where the injection classifier's weights come from, and its threshold.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ClassifierConfig {
     /// A weights file (`scripts/injection_train.sh` writes one), read at config load. The

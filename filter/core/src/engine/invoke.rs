@@ -3,9 +3,10 @@
 
 use super::stream::*;
 use crate::config::FailureMode;
-use crate::host::{Direction, Host};
+use crate::host::{Direction, Host, ProcessorTrace};
 use crate::json::Body;
 use crate::plugin::{Context, LocalReply, PhaseNeed, Plugin, PluginError};
+use std::borrow::Cow;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
@@ -80,7 +81,8 @@ impl Stream {
         true
     }
 
-    /// Runs one processor callback with its budget, metrics, panic guard and failure mode.
+    /// Runs one processor callback with its budget, metrics, panic guard and failure mode, and
+    /// traces it for hosts that ask.
     pub(super) fn invoke(
         &mut self,
         host: &mut dyn Host,
@@ -88,6 +90,45 @@ impl Stream {
         scope: Scope<'_>,
         call: impl FnOnce(&dyn Plugin, &mut Context<'_>) -> Result<Step, PluginError>,
     ) -> Verdict {
+        if !host.tracing() {
+            return self.invoke_untraced(host, index, scope, call).0;
+        }
+        let Scope {
+            direction,
+            body,
+            request_headers_changed,
+            headers_sent,
+            emitted,
+        } = scope;
+        let started = host.now_nanos();
+        let inner = Scope {
+            direction,
+            body: &mut *body,
+            request_headers_changed,
+            headers_sent,
+            emitted,
+        };
+        let (verdict, outcome) = self.invoke_untraced(host, index, inner, call);
+        let elapsed_nanos = host.now_nanos().saturating_sub(started);
+        let chain = Arc::clone(&self.chain);
+        let current = body.current();
+        host.trace(&ProcessorTrace {
+            processor: &chain.processors[index].name,
+            direction,
+            outcome: &outcome,
+            elapsed_nanos,
+            body: &current,
+        });
+        verdict
+    }
+
+    fn invoke_untraced(
+        &mut self,
+        host: &mut dyn Host,
+        index: usize,
+        scope: Scope<'_>,
+        call: impl FnOnce(&dyn Plugin, &mut Context<'_>) -> Result<Step, PluginError>,
+    ) -> (Verdict, Cow<'static, str>) {
         let Scope {
             direction,
             body,
@@ -131,8 +172,8 @@ impl Stream {
         }
         let failure = match outcome {
             Ok(Ok(Step::Continue | Step::Drop)) if overran => Failure::Overrun,
-            Ok(Ok(Step::Continue)) => return Verdict::Continue,
-            Ok(Ok(Step::Drop)) => return Verdict::Drop,
+            Ok(Ok(Step::Continue)) => return (Verdict::Continue, Cow::Borrowed("continue")),
+            Ok(Ok(Step::Drop)) => return (Verdict::Drop, Cow::Borrowed("drop")),
             Ok(Ok(Step::Reject(reply))) => {
                 host.increment_counter(metrics.rejections, 1);
                 log::debug!(
@@ -141,7 +182,11 @@ impl Stream {
                     direction.as_str(),
                     reply.status
                 );
-                return Verdict::Stop(reply, format!("payload_processor.{}.rejected", processor.name));
+                let outcome = format!("reject {}", reply.status);
+                return (
+                    Verdict::Stop(reply, format!("payload_processor.{}.rejected", processor.name)),
+                    outcome.into(),
+                );
             }
             Ok(Err(error)) => Failure::Error(error),
             Err(_) => Failure::Panic,
@@ -182,13 +227,16 @@ impl Stream {
                 processor.name,
                 direction.as_str()
             );
-            return Verdict::Continue;
+            return (Verdict::Continue, format!("failed open: {reason}").into());
         }
         log::warn!(
             "processor {} failed closed on the {}: {reason}",
             processor.name,
             direction.as_str()
         );
-        Verdict::Stop(reply, format!("payload_processor.{}.failed", processor.name))
+        (
+            Verdict::Stop(reply, format!("payload_processor.{}.failed", processor.name)),
+            format!("failed closed: {reason}").into(),
+        )
     }
 }

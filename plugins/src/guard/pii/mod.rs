@@ -10,7 +10,6 @@ mod phone;
 mod secret;
 mod us_ssn;
 
-use serde::Deserialize;
 use std::cell::OnceCell;
 use std::ops::Range;
 
@@ -22,24 +21,24 @@ pub use phone::Phone;
 pub use secret::Secret;
 pub use us_ssn::UsSsn;
 
-/// A kind of personal or secret data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Entity {
-    /// E-mail addresses.
-    Email,
-    /// Phone numbers (E.164 and common national formats).
-    Phone,
-    /// Payment card numbers passing the Luhn check.
-    CreditCard,
-    /// US social security numbers outside the never-issued ranges.
-    UsSsn,
-    /// International bank account numbers passing mod-97.
-    Iban,
-    /// IPv4 and IPv6 addresses.
-    IpAddress,
-    /// Credentials: cloud keys, provider API tokens, GitHub tokens, JWTs, PEM private keys.
-    Secret,
+payload_processor_core::config_enum! {
+    /// A kind of personal or secret data.
+    pub enum Entity {
+        /// E-mail addresses.
+        Email = "Email" | "email",
+        /// Phone numbers (E.164 and common national formats).
+        Phone = "Phone" | "phone",
+        /// Payment card numbers passing the Luhn check.
+        CreditCard = "CreditCard" | "credit_card",
+        /// US social security numbers outside the never-issued ranges.
+        UsSsn = "UsSsn" | "us_ssn",
+        /// International bank account numbers passing mod-97.
+        Iban = "Iban" | "iban",
+        /// IPv4 and IPv6 addresses.
+        IpAddress = "IpAddress" | "ip_address",
+        /// Credentials: cloud keys, provider API tokens, GitHub tokens, JWTs, PEM private keys.
+        Secret = "Secret" | "secret",
+    }
 }
 
 impl Entity {
@@ -54,7 +53,7 @@ impl Entity {
         Entity::Secret,
     ];
 
-    /// The name used in configs, stats and reports.
+    /// The name used in stats, metadata and reports (the config spelling is [`Entity::spelling`]).
     pub fn name(self) -> &'static str {
         match self {
             Entity::Email => "email",
