@@ -13,8 +13,11 @@ mkdir -p dist
 wasm=(--profile wasm-release --target wasm32-wasip1)
 example=(--manifest-path examples/custom-plugin/Cargo.toml --target-dir target/example)
 
-cargo build --release --locked -p payload-processor-dynamic-module -p payload-processor-cli
-cp target/release/libpayload_processor.so target/release/payload-processor dist/
+# Built apart: together, cargo would unify the CLI's `schema` feature into the module.
+cargo build --release --locked -p payload-processor-dynamic-module
+cp target/release/libpayload_processor.so dist/
+cargo build --release --locked -p payload-processor-cli
+cp target/release/payload-processor dist/
 cargo build "${wasm[@]}" --locked -p payload-processor-proxy-wasm
 cp target/wasm32-wasip1/wasm-release/payload_processor_wasm.wasm dist/payload_processor.wasm
 cargo build --release "${example[@]}"

@@ -2,13 +2,7 @@
 //! base model and writes it to a header (default `X-Gateway-Base-Model-Name`), so routes can
 //! send every adapter of one base model to the pool that serves it.
 //!
-//! ```yaml
-//! - name: base-model
-//!   type: base-model-to-header
-//!   parameters:
-//!     adapters: { sql-lora: meta-llama/Llama-3.1-8B-Instruct }
-//! ```
-//! A model that is not an adapter maps to itself. Without a model field the header is removed.
+//! The users' reference (a full example, every parameter, behaviour, quality): `docs/plugins/base-model-to-header.md`.
 
 use crate::common::validate_header_name;
 use crate::common::{field_as_text, field_path};

@@ -2,14 +2,7 @@
 //! (by default `X-Gateway-Model-Name`) so Envoy routes can match it: body-based routing, as
 //! the Gateway API Inference Extension's Body-Based Router does, without the ext_proc hop.
 //!
-//! ```yaml
-//! - name: route-by-model
-//!   type: body-field-to-header
-//!   parameters: { fieldName: model, headerName: X-Gateway-Model-Name, required: false }
-//! ```
-//! A missing field is skipped and counted (`missing_field`), and any client-sent value of the
-//! header is removed so it cannot be spoofed; with `required: true` it is a 400. A body that
-//! is not JSON is a 400 `invalid_json` error (subject to the failure mode).
+//! The users' reference (a full example, every parameter, behaviour, quality): `docs/plugins/body-field-to-header.md`.
 
 use crate::common::{field_as_text, field_path, validate_header_name};
 use payload_processor_core::{

@@ -1,25 +1,7 @@
 //! `body-mutation`: ordered, declarative edits of the JSON request body at any depth, then of
 //! request headers.
 //!
-//! ```yaml
-//! - name: shape
-//!   type: body-mutation
-//!   parameters:
-//!     operations:                                   # in order
-//!       - { op: setDefault, path: temperature, value: 0.7 }
-//!       - { op: set, path: $.metadata.user, from: "header:x-user-id" }
-//!       - { op: rename, path: max_tokens, to: max_completion_tokens }
-//!       - { op: clamp, path: max_completion_tokens, max: 4096 }
-//!       - { op: remove, path: "$.messages[0].name", required: false }
-//!     headers:                                      # after the body operations
-//!       - { op: setFromBody, name: x-gateway-user, path: $.metadata.user }
-//!       - { op: remove, name: x-debug }
-//! ```
-//! Paths that write (`path`, `to`) address one value: member names and array indexes
-//! (`$.messages[-1].content`). A `from` source is any JSONPath (first match) or
-//! `header:<name>`. An operation whose path or source is absent is skipped and counted
-//! (`path_missing`), or answered with a 400 when `required: true`. Clamping a value that is not
-//! a number is a 400 (`invalid_field`). The body is re-serialized only when something changed.
+//! The users' reference (a full example, every parameter, behaviour, quality): `docs/plugins/body-mutation.md`.
 
 use crate::common::validate_header_name;
 use crate::common::{field_as_text, field_path};

@@ -3,18 +3,7 @@
 //! configured file fields, holding a data URL (`data:audio/wav;base64,...`) or plain base64,
 //! become file parts with a filename and content type.
 //!
-//! ```yaml
-//! - name: to-form
-//!   type: json-to-multipart
-//!   match: { pathPrefixes: [/v1/audio/transcriptions] }
-//!   parameters:
-//!     fileFields:
-//!       - { field: file, filename: audio.wav }     # contentType from the data URL, else given
-//! ```
-//! Strings go as they are, numbers and booleans as JSON text, arrays of scalars as repeated
-//! `name[]` fields, objects as JSON text; nulls are left out. A request that is not a JSON
-//! object, or has none of the file fields, passes through byte-for-byte (counted
-//! `passed_through`). Invalid base64 is a 400 (`invalid_file`).
+//! The users' reference (a full example, every parameter, behaviour, quality): `docs/plugins/json-to-multipart.md`.
 
 use base64::Engine;
 use payload_processor_core::{BuildContext, ConfigError, Context, Counter, Decision, PhaseNeed, Plugin, PluginError};

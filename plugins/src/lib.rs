@@ -26,11 +26,18 @@ use payload_processor_core::{BuildFn, Registry};
 
 /// Registers every built-in plugin type.
 pub fn register_builtins(registry: &mut Registry) {
-    // Each type with the config its parameters deserialize into, for the chain's JSON Schema.
+    // With the `schema` feature (the CLI), each type comes with the config its parameters
+    // deserialize into, for the chain's JSON Schema. The filters leave it off: a registered
+    // schema keeps its generator code in the binary.
     macro_rules! builtin {
         ($($module:ident),+ $(,)?) => {$(
+            #[cfg(feature = "schema")]
             registry
                 .register_typed::<$module::Config>($module::TYPE_NAME, $module::build as BuildFn)
+                .expect("built-in plugin types are unique kebab-case names");
+            #[cfg(not(feature = "schema"))]
+            registry
+                .register($module::TYPE_NAME, $module::build as BuildFn)
                 .expect("built-in plugin types are unique kebab-case names");
         )+};
     }

@@ -3,20 +3,7 @@
 //! routes can send each tool to its own server; optional allow/deny lists answer refused
 //! calls with a JSON-RPC error carrying the request's `id`.
 //!
-//! ```yaml
-//! - name: mcp
-//!   type: mcp-router
-//!   match: { pathPrefixes: [/mcp] }
-//!   parameters:
-//!     methodHeader: x-mcp-method        # default
-//!     toolHeader: x-mcp-tool            # default
-//!     sessionHeader: x-mcp-session      # default; copied from Mcp-Session-Id when present
-//!     denyTools: [delete_everything]
-//!     allowMethods: [initialize, notifications/initialized, tools/list, tools/call, ping]
-//! ```
-//! A refused call gets HTTP 200 with `{"jsonrpc":"2.0","id":<id>,"error":{"code":-32601,...}}`
-//! (what JSON-RPC clients surface as a call error); a body that is not JSON gets HTTP 400 with
-//! a `-32700` parse error. A batch (array) is routed by its first call and refused if any call is.
+//! The users' reference (a full example, every parameter, behaviour, quality): `docs/plugins/mcp-router.md`.
 
 use crate::common::validate_header_name;
 use payload_processor_core::{

@@ -2,22 +2,7 @@
 //! weight between several targets (canaries, version migrations), as the Inference
 //! Extension's model rewrite and traffic splitting do, without the ext_proc hop.
 //!
-//! ```yaml
-//! - name: split
-//!   type: model-rewrite
-//!   parameters:
-//!     stickyHeader: x-user-id          # same value, same target; else per request
-//!     rules:                           # first match wins
-//!       - model: gpt-4o
-//!         targets: [{ model: gpt-4o-2024-08-06, weight: 90 }, { model: gpt-4o-canary, weight: 10 }]
-//!       - modelRegex: "^llama-3-(.+)$"
-//!         targets: [{ model: "llama-3.1-$1" }]   # regex captures expand in targets
-//! ```
-//! The target goes into the body, into `modelHeader` (default `X-Gateway-Model-Name`, so
-//! routes follow it; the route cache is cleared), into `reportHeader` (default
-//! `x-gateway-model-target`) and into metadata (`original_model`, `target_model` in
-//! `metadataNamespace`, default `io.envoy.ai_gateway`). The split is deterministic per key: the
-//! sticky header's value, else Envoy's `x-request-id`.
+//! The users' reference (a full example, every parameter, behaviour, quality): `docs/plugins/model-rewrite.md`.
 
 use crate::common::field_as_text;
 use crate::common::validate_header_name;

@@ -1,17 +1,7 @@
 //! `prompt-decorator`: adds platform messages to chat requests: OpenAI chat completions
 //! (`messages`) and Anthropic messages (`messages` plus the top-level `system`).
 //!
-//! ```yaml
-//! - name: house-rules
-//!   type: prompt-decorator
-//!   parameters:
-//!     onlyIfNoSystem: true       # system additions only when the request has no system prompt
-//!     prepend: [{ role: system, content: "You are the ACME assistant." }]
-//!     append:  [{ role: user, content: "Answer in English." }]
-//! ```
-//! On Anthropic requests (a path ending in `/messages`), `system` (and `developer`) additions
-//! go into the top-level `system` (a string, or text blocks when it is a list); other roles go
-//! into `messages`. A body without a `messages` list is left alone (counted `not_chat`).
+//! The users' reference (a full example, every parameter, behaviour, quality): `docs/plugins/prompt-decorator.md`.
 
 use payload_processor_core::{
     Api, BuildContext, ConfigError, Context, Counter, Decision, PhaseNeed, Plugin, PluginError, RequestEdits,

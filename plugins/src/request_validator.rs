@@ -2,20 +2,7 @@
 //! with a 4xx OpenAI-shaped error and `x-should-retry: false` (the OpenAI SDKs honour it), so
 //! a doomed request never costs a model server anything.
 //!
-//! ```yaml
-//! - name: validate
-//!   type: request-validator
-//!   parameters:
-//!     requiredFields: [model, messages]
-//!     allowedModels: [llama-3-8b, mistral-7b]
-//!     maxMessages: 64
-//!     maxPromptChars: 100000          # characters of prompt text (messages, prompt, input, system)
-//!     maxTokens: 4096                 # max_tokens, max_completion_tokens, max_output_tokens
-//!     allowStream: true
-//!     deadlineHeader: x-request-deadline   # absolute: Unix seconds or RFC 3339
-//!     deadlineField: $.file.expires_at      # e.g. a signed URL's expiry
-//!     deadlineMargin: 2s                     # reject when it passes within this margin
-//! ```
+//! The users' reference (a full example, every parameter, behaviour, quality): `docs/plugins/request-validator.md`.
 
 use crate::common::field_path;
 use payload_processor_core::{

@@ -2,33 +2,7 @@
 //! and Anthropic (messages) responses, buffered or streamed, and records it in Envoy dynamic
 //! metadata, so rate limits and access logs can use it, with no ext_proc hop.
 //!
-//! ```yaml
-//! - name: usage
-//!   type: token-usage
-//!   failureMode: FailOpen
-//!   parameters:
-//!     metadataNamespace: io.envoy.ai_gateway   # default
-//!     forceIncludeUsage: true                  # default false
-//!     responseHeaders: x-usage-                # optional prefix, buffered responses only
-//! ```
-//!
-//! Metadata keys (numbers unless noted): `input_tokens`, `output_tokens`, `total_tokens`,
-//! `cached_input_tokens` (when reported), `model` (string: the model the response reports);
-//! for streams also `ttft_ms` (request start to the first content event) and `itl_ms` (mean
-//! time between output tokens after the first). Anthropic counts cache reads and writes apart
-//! from `input_tokens`; they are added in, so `input_tokens` means every prompt token for
-//! both providers, and `cached_input_tokens` is `cache_read_input_tokens`.
-//!
-//! With `forceIncludeUsage`, a streamed OpenAI chat or completions request gets
-//! `stream_options.include_usage: true`, and when the client had not asked for it the extra
-//! usage-only chunk is removed from the stream (a usage field on a chunk with choices is
-//! removed instead), so the client sees the stream it asked for.
-//!
-//! The plugin never blocks traffic: a body or event it cannot read is counted
-//! (`unreadable`) and skipped. With `responseHeaders`, buffered responses carry
-//! `<prefix>input-tokens`, `<prefix>output-tokens`, `<prefix>total-tokens` and
-//! `<prefix>cached-input-tokens`; a streamed response's headers are gone before its usage
-//! arrives, so streams record metadata only.
+//! The users' reference (a full example, every parameter, behaviour, quality): `docs/plugins/token-usage.md`.
 
 use crate::common::validate_header_name;
 use payload_processor_core::{

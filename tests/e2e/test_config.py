@@ -1,7 +1,20 @@
-"""Bad configurations are refused by Envoy at load, with a path-qualified message in its log."""
+"""Bad configurations are refused by Envoy at load, with a path-qualified message in its log;
+the offline CLI refuses them with the same message."""
+import subprocess
+
 import pytest
 
 from harness import DIST, Envoy, bootstrap, cluster, processor_filter
+
+
+def cli_validate(form, text, tmp_path):
+    """(exit code, the reason after `invalid configuration: `, stderr) of the CLI on `text`."""
+    chain = tmp_path / "chain.yaml"
+    chain.write_text(text)
+    out = subprocess.run([DIST / "payload-processor", "validate", "--form", form, chain],
+                         capture_output=True, text=True)
+    _, _, reason = out.stderr.partition("invalid configuration: ")
+    return out.returncode, reason.strip(), out.stderr
 
 BAD_CONFIGS = [
     ("injection-classifier-missing-file",
@@ -52,7 +65,7 @@ BAD_CONFIGS = [
 
 
 @pytest.mark.parametrize("text,expected", [(t, e) for _, t, e in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS])
-def test_envoy_refuses_bad_config_with_path(form, text, expected):
+def test_envoy_refuses_bad_config_with_path(form, text, expected, tmp_path):
     config = bootstrap([processor_filter(form, text)], [{"match": {"prefix": "/"}, "route": {"cluster": "x"}}],
                        [cluster("x", 9)])
     envoy = Envoy(config)
@@ -60,6 +73,29 @@ def test_envoy_refuses_bad_config_with_path(form, text, expected):
     log = envoy.log()
     assert code != 0
     assert expected in log, log[-3000:]
+    # The CLI never disagrees with Envoy: it refuses the same chain with the same message.
+    cli_code, reason, stderr = cli_validate("wasm" if form.startswith("wasm") else "so", text, tmp_path)
+    assert cli_code == 1, stderr
+    assert expected in reason, stderr
+    assert reason.splitlines()[0] in log, (reason, log[-3000:])
+
+
+def test_old_spellings_load_with_a_deprecation_warning_in_envoys_log(form, tmp_path):
+    """Enum values spelt the pre-vocabulary way still load, and Envoy's log says what to write."""
+    text = ("processors: [{name: g, type: pii-guard, parameters: {entities: [credit_card, Email]}}, "
+            "{name: p, type: prompt-guard, parameters: {builtin: [prompt-injection]}}]")
+    config = bootstrap([processor_filter(form, text)], [{"match": {"prefix": "/"}, "route": {"cluster": "x"}}],
+                       [cluster("x", 9)])
+    envoy = Envoy(config)
+    try:
+        envoy.wait_ready()
+        log = envoy.log()
+        for old, new in (("credit_card", "CreditCard"), ("prompt-injection", "PromptInjection")):
+            assert f'configuration value "{old}" is a deprecated spelling; write "{new}"' in log, log[-3000:]
+    finally:
+        envoy.stop()
+    code, _, stderr = cli_validate("so", text, tmp_path)
+    assert code == 0 and 'write "CreditCard"' in stderr, stderr
 
 
 def test_every_bundled_bootstrap_loads(form):

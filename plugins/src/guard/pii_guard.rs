@@ -1,22 +1,7 @@
 //! `pii-guard`: finds personal data and secrets in prompts and model output and rejects,
 //! masks or reports them.
 //!
-//! ```yaml
-//! - name: no-pii
-//!   type: pii-guard
-//!   parameters:
-//!     entities: [email, phone, credit_card, us_ssn, iban, ip_address, secret]   # default: all
-//!     action: Mask                  # Reject | Mask | Report (default Mask)
-//!     direction: Both               # Request | Response | Both (default Both)
-//!     overrides:
-//!       secret: { action: Reject }
-//!       credit_card: { mask: { style: Partial, keepLast: 4 } }
-//!     customPatterns:
-//!       - { name: employee_id, regex: "EMP-[0-9]{6}", action: Mask }
-//!     reportHeader: x-pii-findings  # rule names found, on the response
-//! ```
-//! Recognizers live in [`crate::pii`], one per file; what is inspected, the actions and the
-//! stream handling are shared with `prompt-guard` ([`crate::guard`]).
+//! The users' reference (a full example, every parameter, behaviour, quality): `docs/plugins/pii-guard.md`.
 
 use crate::guard::{
     guard_counters, Action, Channel, Detector, Finding, Guard, GuardDirection, GuardOptions, MaskConfig, Masking,

@@ -1,27 +1,7 @@
 //! `prompt-guard`: deny and allow rules of regexes and keyword lists, and a built-in,
 //! scored rule set against prompt injection.
 //!
-//! ```yaml
-//! - name: guard
-//!   type: prompt-guard
-//!   parameters:
-//!     direction: Request            # Request (default) | Response | Both
-//!     builtin: [prompt-injection]
-//!     injection: { threshold: 0.8, action: Reject }
-//!     deny:
-//!       - { name: weapons, keywords: [nerve agent, pipe bomb], caseInsensitive: true }
-//!       - { name: competitor, regex: "(?i)\\bacme\\s*corp\\b", action: Mask }
-//!     allow:
-//!       - { name: security-training, keywords: [phishing simulation] }
-//! ```
-//! All keywords of all rules are compiled into one automaton per case mode and found in a
-//! single pass; all deny regexes are one alternation searched once (allow regexes another). Keywords match whole words unless `wholeWords: false`.
-//! A deny finding that overlaps an allow match is dropped (an allowed phrase wins over the
-//! keywords inside it).
-//!
-//! The `prompt-injection` set scores curated heuristics (instruction override, system-prompt
-//! exfiltration, role-play jailbreak templates, chat-template spoofing, encoded payloads);
-//! a text whose summed score reaches the threshold is a finding of rule `prompt-injection`.
+//! The users' reference (a full example, every parameter, behaviour, quality): `docs/plugins/prompt-guard.md`.
 
 use crate::guard::{
     guard_counters, Action, Channel, Detector, Finding, Guard, GuardDirection, GuardOptions, MaskConfig, Masking,
