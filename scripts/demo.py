@@ -5,19 +5,17 @@ the usage metadata Envoy logged for it; finally the endpoint picker choosing bet
 pods. With --serve it keeps running for your own curl."""
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
 
-import requests  # noqa: E402
+import requests
 
-from harness import ROOT, Envoy, read_access_log  # noqa: E402
-from model_server import ModelServer  # noqa: E402
-from render import render  # noqa: E402
-from vllm_server import VllmServer  # noqa: E402
+from harness import ROOT, Envoy, read_access_log
+from harness.model_server import ModelServer
+from harness.render import render
+from harness.vllm_server import VllmServer
 
 SAMPLES = [
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "model": "llama-3-8b"}),

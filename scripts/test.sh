@@ -14,7 +14,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy --target wasm32-wasip1 --locked -p payload-processor-core -p payload-processor-plugins \
   -p payload-processor-proxy-wasm -- -D warnings
 cargo test --workspace --locked
-# The benchmarks run elsewhere (scripts/bench_micro.sh, scripts/bench.sh), but must keep compiling.
+# The benchmarks run elsewhere (bench/bench_micro.sh, bench/bench.sh), but must keep compiling.
 CARGO_TARGET_DIR=target/bench cargo clippy --manifest-path bench/Cargo.toml --workspace --all-targets --locked -- -D warnings
 cargo test --manifest-path examples/custom-plugin/Cargo.toml --target-dir target/example
 scripts/build.sh

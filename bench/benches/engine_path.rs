@@ -1,7 +1,7 @@
 //! The engine path per built-in plugin: config → chain → one request through the fake host,
 //! next to the physical floor for the same body (a `memchr` search for `"model"`, a full
 //! `serde_json` parse) and the engine with nothing to run, so reports show how far each plugin
-//! is from the limit and what it adds. `scripts/bench_micro.sh` prints the table.
+//! is from the limit and what it adds. `bench/bench_micro.sh` prints the table.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use payload_processor_bench::{chat_body, full_parse_model, mcp_call_body, transcription_body, Case, SIZES};

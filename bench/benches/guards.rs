@@ -1,7 +1,7 @@
 //! Guard speed: MB/s of each PII recognizer on its own, and requests through the engine with
 //! `pii-guard` (all recognizers), `prompt-guard` (100 keywords, 20 regexes, the injection set)
 //! and both, on 1, 16 and 256 KiB prompts. The target: both guards on a 16 KiB prompt in under
-//! 50 µs on one core. `scripts/bench_micro.sh` prints the table.
+//! 50 µs on one core. `bench/bench_micro.sh` prints the table.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use payload_processor_bench::{guard_chat_body, guard_prompt_text, prompt_guard_target_parameters, Case, SIZES};

@@ -1,5 +1,5 @@
 //! Runs the built-in PII recognizers over texts, for the evaluation script
-//! (`scripts/guard_eval.sh`): reads JSON lines `{"text": ...}` on stdin, writes one JSON line
+//! (`bench/guard_eval.sh`): reads JSON lines `{"text": ...}` on stdin, writes one JSON line
 //! per text with the findings (`[entity, start, end]`, character offsets), then a last line
 //! with the scanning time of the whole corpus (I/O and JSON excluded).
 

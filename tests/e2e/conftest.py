@@ -1,12 +1,7 @@
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from harness import FORMS, WASM_HOLD_HEADERS, Envoy  # noqa: E402
-from mock_server import MockServer  # noqa: E402
+from harness import FORMS, WASM_HOLD_HEADERS, Envoy
+from harness.mock_server import MockServer
 
 # Behaviour that needs the request or response headers held until the body is read: re-routing
 # after the body, an upstream that never sees a refused request, `content-length` kept on a

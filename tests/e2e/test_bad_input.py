@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from harness import bootstrap, cluster, model_routes, processor_filter
-from model_server import ModelServer
+from harness.model_server import ModelServer
 
 LIMIT = 256 * 1024  # room for the 10,000-key row
 SECRET_EMAIL = "matrix.secret@example.com"

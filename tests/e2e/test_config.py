@@ -100,7 +100,7 @@ def test_old_spellings_load_with_a_deprecation_warning_in_envoys_log(form, tmp_p
 
 def test_every_bundled_bootstrap_loads(form):
     """Each Envoy config under envoy/ renders and starts with this form."""
-    from render import bundled_bootstraps, render
+    from harness.render import bundled_bootstraps, render
 
     paths = bundled_bootstraps(form)
     assert paths, f"a bundled bootstrap for {form}"

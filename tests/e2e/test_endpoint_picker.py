@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from harness import processor_filter, read_access_log
-from vllm_server import VllmServer
+from harness.vllm_server import VllmServer
 
 DEST = "x-gateway-destination-endpoint"
 SERVED = "x-gateway-destination-endpoint-served"

@@ -15,9 +15,9 @@ import requests
 import yaml
 from jsonpath_ng.ext import parse as jsonpath
 
-import eg_shape
+from harness import eg_shape
 from harness import FORMS, ROOT, Envoy, EnvoyFailed, cluster, model_routes
-from mock_server import MockServer
+from harness.mock_server import MockServer
 
 DEPLOY = ROOT / "deploy" / "envoy-gateway"
 EXTPROC_BIN = ROOT / "target" / "bench" / "release" / "bench-extproc-server"

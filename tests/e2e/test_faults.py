@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from harness import bootstrap, cluster, processor_filter
-from model_server import ModelServer
+from harness.model_server import ModelServer
 
 PHASES = ["request-headers", "request-body", "response-headers", "response-body", "stream-events"]
 

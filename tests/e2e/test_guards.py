@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from harness import bootstrap, cluster, metadata_access_log, processor_filter, read_access_log
-from model_server import ModelServer
+from harness.model_server import ModelServer
 
 CLIENT_TIMEOUT = 10
 EMAIL = "jane.doe@example.com"

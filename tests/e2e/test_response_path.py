@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from harness import bootstrap, cluster, metadata_access_log, processor_filter, read_access_log
-from model_server import DEFAULT_REPLY, ModelServer
+from harness.model_server import DEFAULT_REPLY, ModelServer
 
 NS = "io.envoy.ai_gateway"
 KEYS = ["input_tokens", "output_tokens", "total_tokens", "cached_input_tokens", "model", "ttft_ms", "itl_ms"]

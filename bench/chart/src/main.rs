@@ -1,4 +1,4 @@
-//! Draws the headline chart of `scripts/bench.sh`: CPU per request (Envoy plus any sidecar)
+//! Draws the headline chart of `bench/bench.sh`: CPU per request (Envoy plus any sidecar)
 //! against body size for each variant, log-log, from the results JSON the harness writes.
 //!
 //! Usage: `bench-chart results.json chart.svg`

@@ -1,4 +1,4 @@
-//! The out-of-process baseline of `scripts/bench.sh`: a gRPC ext_proc server that does what
+//! The out-of-process baseline of `bench/bench.sh`: a gRPC ext_proc server that does what
 //! GIE's Body-Based Router does: receive the request headers, then the buffered body, parse
 //! the JSON, and answer with a header mutation `x-gateway-model-name: <model>` and a route
 //! cache clear. Lean on purpose (tonic, multi-threaded tokio), so the comparison is with a

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Instruction counts (callgrind) of each PII recognizer on 48 KiB of digit-heavy prose, for this
 # tree and a baseline commit built side by side, with the ratio: a speed check that machine
-# noise cannot move. Usage: scripts/pii_instructions.sh [BASELINE_COMMIT] (default 9599f99,
+# noise cannot move. Usage: bench/pii_instructions.sh [BASELINE_COMMIT] (default 9599f99,
 # before issue 18). Needs valgrind. Prints a markdown table.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -5,7 +5,7 @@ prompt-guard, token usage on buffered and streamed answers), in batches of 100,0
 through 1 KiB, 16 KiB and 64 KiB chat requests and 1 KiB requests answered with an event
 stream. After each batch: Envoy's RSS (/proc/<pid>/status) and, for wasm, the VM's linear
 memory (gauge payload_processor.wasm_memory_bytes). Every request must succeed. Writes
-docs/soak.md. Run scripts/soak.sh, not this file."""
+docs/soak.md. Run bench/soak.sh, not this file."""
 import argparse
 import json
 import subprocess
@@ -16,10 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "tests" / "e2e"))
-from bench import TOOLS, Nginx, chat_body  # noqa: E402
-from harness import Envoy, bootstrap, cluster, processor_filter  # noqa: E402
+from bench import TOOLS, Nginx, chat_body
+from harness import Envoy, bootstrap, cluster, processor_filter
 
 BATCH = 100_000
 CHAIN = """
@@ -111,7 +109,7 @@ def main():
     finally:
         nginx.stop()
     lines = ["# Soak", "",
-             f"{datetime.now(timezone.utc):%Y-%m-%d} · `scripts/soak.sh` · Envoy 1.40.0 `--concurrency 1` · nginx upstream "
+             f"{datetime.now(timezone.utc):%Y-%m-%d} · `bench/soak.sh` · Envoy 1.40.0 `--concurrency 1` · nginx upstream "
              "· oha, 16 connections · chain: routing, pii-guard (Mask, both directions), prompt-guard (injection set + "
              "keywords), token-usage · batches of 100,000 rotating 1 KiB / 16 KiB / 64 KiB chat requests and 1 KiB "
              "requests answered with an event stream · every request answered 200.", ""]

@@ -22,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 
-from mock_server import LocalServer, ModelServerHandler, read_body
+from harness.mock_server import LocalServer, ModelServerHandler, read_body
 
 BLOCK = 64
 

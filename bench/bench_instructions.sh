@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Instructions Envoy executes per request, per variant and body, under valgrind's callgrind
-# (see scripts/bench_instructions.py): the deterministic companion of scripts/bench.sh.
+# (see bench/bench_instructions.py): the deterministic companion of bench/bench.sh.
 # Writes bench/results/instructions.md. About 10 minutes; not part of CI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,4 +11,4 @@ if ! command -v valgrind >/dev/null || ! command -v nginx >/dev/null && [ ! -x /
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q valgrind nginx >/dev/null
 fi
 scripts/build.sh >/dev/null
-.venv/bin/python scripts/bench_instructions.py "$@"
+.venv/bin/python bench/bench_instructions.py "$@"

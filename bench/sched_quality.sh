@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The scheduling-quality benchmark (see scripts/sched_quality.py): builds the filter, then runs
+# The scheduling-quality benchmark (see bench/sched_quality.py): builds the filter, then runs
 # round robin, random and the endpoint picker (both forms) on the same shared-prefix workload
 # against live mock vLLM servers, and writes bench/results/scheduling.md. About a minute.
-#   scripts/sched_quality.sh [--requests N] [--servers N] [--clients N] [--seed N] ...
+#   bench/sched_quality.sh [--requests N] [--servers N] [--clients N] [--seed N] ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/build.sh >/dev/null
-exec .venv/bin/python scripts/sched_quality.py "$@"
+exec .venv/bin/python bench/sched_quality.py "$@"

@@ -48,7 +48,7 @@ def render(table):
 def main():
     table = results()
     if not table:
-        sys.exit(f"no criterion results under {CRITERION}; run scripts/bench_micro.sh")
+        sys.exit(f"no criterion results under {CRITERION}; run bench/bench_micro.sh")
     text = render(table)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(text + "\n")

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The side-by-side benchmark (see scripts/bench.py): installs nginx and wrk (Debian) and oha
+# The side-by-side benchmark (see bench/bench.py): installs nginx and wrk (Debian) and oha
 # (crates.io) when missing, builds the filter and the benchmark's ext_proc server and chart tool,
 # then measures every variant and writes bench/results/latest.{md,json,svg}.
-#   scripts/bench.sh            full run (about 20 minutes)
-#   scripts/bench.sh --quick    1 and 16 KiB, model last, one short repeat (under 3 minutes
+#   bench/bench.sh            full run (about 20 minutes)
+#   bench/bench.sh --quick    1 and 16 KiB, model last, one short repeat (under 3 minutes
 #                               once built; what CI runs to prove the harness works)
 # Other arguments go to bench.py (--variants, --sizes, --repeats, --seconds, --out).
 set -euo pipefail
@@ -23,4 +23,4 @@ fi
 scripts/build.sh
 CARGO_TARGET_DIR=target/bench cargo build --release --locked --manifest-path bench/Cargo.toml \
   -p bench-extproc-server -p bench-chart
-.venv/bin/python scripts/bench.py "$@"
+.venv/bin/python bench/bench.py "$@"

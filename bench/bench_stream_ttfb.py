@@ -2,7 +2,7 @@
 """Time to first byte of a streamed (SSE) chat completion through Envoy, per filter form and
 chain, against Envoy without our filter measured in the same run.
 
-    .venv/bin/python scripts/bench_stream_ttfb.py [--requests 40] [--delay-ms 20]
+    .venv/bin/python bench/bench_stream_ttfb.py [--requests 40] [--delay-ms 20]
 
 The mock model server sends one event per word, `--delay-ms` apart. TTFB is the time from
 sending the request to receiving the first `data:` bytes. Configurations:
@@ -16,14 +16,12 @@ the time the upstream needs to produce that many bytes (it is what a window is f
 import argparse
 import socket
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "e2e"))
 
-from harness import FORMS, Envoy, bootstrap, cluster, processor_filter  # noqa: E402
-from model_server import ModelServer  # noqa: E402
+from harness import FORMS, Envoy, bootstrap, cluster, processor_filter
+from harness.model_server import ModelServer
 
 CHAINS = {
     "pass-through": ("payload_processor", "processors: [{name: route, type: body-field-to-header}]"),

@@ -23,7 +23,7 @@ import time
 import zlib
 from urllib.parse import unquote
 
-from mock_server import LocalServer, ModelServerHandler, read_body
+from harness.mock_server import LocalServer, ModelServerHandler, read_body
 
 DEFAULT_REPLY = "Hello there, caf\u00e9 \u00fcber \u2603 \U0001f600 how can I help?"
 

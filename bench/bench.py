@@ -9,7 +9,7 @@ position it measures, over repeats:
   * requests/s at fixed concurrency (wrk, closed loop) and Envoy's CPU per request from
     /proc/<pid>/task/*/schedstat summed over threads (and the ext_proc server's);
   * p50/p99 latency at a fixed open-loop rate (oha with latency correction).
-Writes bench/results/latest.{md,json,svg} and prints the table. `scripts/bench.sh` installs the
+Writes bench/results/latest.{md,json,svg} and prints the table. `bench/bench.sh` installs the
 tools and builds what this needs; run it, not this file.
 """
 import argparse
@@ -28,8 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests" / "e2e"))
-from harness import Envoy, bootstrap, cluster, processor_filter  # noqa: E402
+from harness import Envoy, bootstrap, cluster, processor_filter
 
 RESULTS = ROOT / "bench" / "results"
 TOOLS = ROOT / "target" / "tools" / "bin"

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Instructions Envoy executes per request, per variant and body, counted by valgrind's
-callgrind: a deterministic companion to scripts/bench.py, whose CPU-time figures swing by
+callgrind: a deterministic companion to bench/bench.py, whose CPU-time figures swing by
 several µs on a shared machine. Each variant's Envoy runs under callgrind with collection off;
 after a warm-up, collection is switched on for N sequential requests on one keep-alive
 connection, then the counts are dumped and divided by N. Prints a table (instructions per
 request and added over plain) and the heaviest functions of our module.
 
-  scripts/bench_instructions.sh [--variants plain,noop_dynamic_module,dynamic_module]
+  bench/bench_instructions.sh [--variants plain,noop_dynamic_module,dynamic_module]
                                 [--sizes 1KiB,16KiB] [--requests 400]
 
 Slow (Envoy runs about 50× slower under valgrind) and not part of CI.
@@ -21,9 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402
-from harness import DIST, ENVOY  # noqa: E402
+import bench
+from harness import DIST, ENVOY
 
 
 def envoy_binary():
@@ -126,7 +125,7 @@ def main():
     lines = ["# Instructions per request (callgrind)", "",
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} · Envoy 1.40.0 `--concurrency 1` under valgrind "
              f"callgrind · {args.requests} sequential requests per body on one connection after a warm-up · "
-             "`scripts/bench_instructions.py`. Instruction counts are deterministic (CPU time on this shared "
+             "`bench/bench_instructions.py`. Instruction counts are deterministic (CPU time on this shared "
              "machine is not); valgrind counts a `rep movsb` copy once per byte, so copies weigh more here "
              "than on the CPU. *Envoy* is Envoy's own code, *libc* mostly copies and allocation, *unattributed* "
              "code without symbols outside Envoy's binary plus our module's inlined lines.", "",

@@ -11,4 +11,4 @@ if ! target/eval-venv/bin/python -c "import faker, presidio_analyzer" 2>/dev/nul
   target/eval-venv/bin/pip install --quiet --disable-pip-version-check faker presidio-analyzer
 fi
 cargo build --release --locked --example pii_scan -p payload-processor-plugins
-target/eval-venv/bin/python scripts/guard_eval.py
+target/eval-venv/bin/python bench/guard_eval.py

@@ -9,24 +9,22 @@ the same seeded request sequence from the same number of concurrent clients (clo
 
 Prints and writes bench/results/scheduling.md: prefix-cache hit rate, mean / p50 / p99 latency
 seen by the client, throughput, and how the requests spread over the instances.
-  .venv/bin/python scripts/sched_quality.py [--requests 1600] [--servers 4] [--clients 8]
+  .venv/bin/python bench/sched_quality.py [--requests 1600] [--servers 4] [--clients 8]
 """
 import argparse
 import json
 import random
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 
-import requests  # noqa: E402
+import requests
 
-from harness import Envoy, bootstrap, processor_filter  # noqa: E402
-from vllm_server import VllmServer  # noqa: E402
+from harness import Envoy, bootstrap, processor_filter
+from harness.vllm_server import VllmServer
 
 DEST = "x-gateway-destination-endpoint"
 
@@ -174,7 +172,7 @@ def main():
     lines = [
         "# Scheduling quality: endpoint picker vs round robin and random",
         "",
-        f"`scripts/sched_quality.sh` — {args.servers} mock vLLM servers (live queue and KV-cache metrics; 2 requests at "
+        f"`bench/sched_quality.sh` — {args.servers} mock vLLM servers (live queue and KV-cache metrics; 2 requests at "
         f"a time each; LRU prefix cache of {args.cache_blocks} 64-byte blocks; latency {args.base_ms:g} ms + {args.ms_per_block:g} ms "
         f"per uncached block), "
         f"{args.requests} chat requests from {args.clients} concurrent clients, {args.prompts} system prompts of "
