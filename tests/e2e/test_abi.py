@@ -38,11 +38,14 @@ supported = pytest.mark.skipif("dynamic-module" not in FORMS, reason="the .so ne
 # Callbacks Envoy 1.38 lacks; without them background-work metrics are not reported there.
 OPTIONAL_BEFORE_1_39 = {"envoy_dynamic_module_callback_http_filter_config_increment_counter",
                         "envoy_dynamic_module_callback_http_filter_config_set_gauge"}
+# Callbacks before 1.40 lacks; without them token usage is not written as struct/typed metadata.
+OPTIONAL_BEFORE_1_40 = {"envoy_dynamic_module_callback_http_set_dynamic_metadata_struct",
+                        "envoy_dynamic_module_callback_http_set_dynamic_typed_metadata"}
 
 
 def resolved_callbacks():
     """The Envoy callbacks the module calls: those declared in its `envoy_callbacks!` table."""
-    source = (ROOT / "filter" / "dynamic-module" / "src" / "ffi.rs").read_text()
+    source = (ROOT / "filter" / "dynamic-module" / "src" / "ffi" / "abi.rs").read_text()
     table = source[source.index("envoy_callbacks! {"):]
     table = table[:table.index("\n}\n")]
     names = set(re.findall(r"fn (envoy_dynamic_module_callback_\w+)\(", table))
@@ -60,6 +63,8 @@ def test_callbacks_are_exported_by_envoy_and_hooks_are_exported(library):
     missing = wanted - exported_by_envoy
     if ENVOY_VERSION < (1, 39, 0):
         missing -= OPTIONAL_BEFORE_1_39
+    if ENVOY_VERSION < (1, 40, 0):
+        missing -= OPTIONAL_BEFORE_1_40
     assert not missing, sorted(missing)
     exported = symbols(so, "--defined-only")
     missing_hooks = [h for h in REQUIRED_HOOKS if f"envoy_dynamic_module_{h}" not in exported]

@@ -15,6 +15,10 @@
 //! ```
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
+// In `ffi`, the one module allowed `unsafe`: every unsafe operation sits in its own block with
+// a `// SAFETY:` comment saying why it holds, even inside `unsafe fn`.
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 #[allow(unsafe_code)]
 #[doc(hidden)]
@@ -23,6 +27,7 @@ mod host;
 
 pub use payload_processor_core::Registry;
 
+use ffi::abi::{BodyStatus, HeadersStatus, HookStatus, LogLevel, TrailersStatus};
 use ffi::{ConfigHandle, ConfigScheduler, Event, FilterHandle};
 use host::{EnvoyBackgroundHost, EnvoyHost};
 use payload_processor_core::{BodyFlow, CalloutError, CalloutResponse, Chain, HeadersFlow, Stream};
@@ -219,37 +224,37 @@ pub struct HttpFilter {
     response_headers_sent: bool,
 }
 
-// ABI statuses. Headers: Continue=0, StopIteration=1. Body: Continue=0,
-// StopIterationAndBuffer=1, StopIterationNoBuffer=3. Trailers: Continue=0, StopIteration=1.
 /// The status after a contained panic was answered with a local reply: stop, without asking
-/// a body hook to buffer what will never be used (StopIterationNoBuffer).
-fn panic_status(event: Event) -> i32 {
+/// a body hook to buffer what will never be used.
+fn panic_status(event: Event) -> HookStatus {
     match event {
-        Event::RequestBody(_) | Event::ResponseBody(_) => 3,
-        Event::RequestHeaders(_) | Event::ResponseHeaders(_) | Event::RequestTrailers | Event::ResponseTrailers => 1,
+        Event::RequestBody(_) | Event::ResponseBody(_) => HookStatus::Body(BodyStatus::StopIterationNoBuffer),
+        Event::RequestHeaders(_) | Event::ResponseHeaders(_) => HookStatus::Headers(HeadersStatus::StopIteration),
+        Event::RequestTrailers | Event::ResponseTrailers => HookStatus::Trailers(TrailersStatus::StopIteration),
     }
 }
 
-fn headers_status(flow: HeadersFlow) -> i32 {
-    match flow {
-        HeadersFlow::Continue => 0,
-        HeadersFlow::WaitForBody | HeadersFlow::Stop => 1,
-    }
+fn headers_status(flow: HeadersFlow) -> HookStatus {
+    HookStatus::Headers(match flow {
+        HeadersFlow::Continue => HeadersStatus::Continue,
+        HeadersFlow::WaitForBody | HeadersFlow::Stop => HeadersStatus::StopIteration,
+    })
 }
 
-fn body_status(flow: BodyFlow) -> i32 {
-    match flow {
-        BodyFlow::Continue => 0,
-        BodyFlow::Buffer => 1,
-        BodyFlow::Hold | BodyFlow::Stop => 3,
-    }
+fn body_status(flow: BodyFlow) -> HookStatus {
+    HookStatus::Body(match flow {
+        BodyFlow::Continue => BodyStatus::Continue,
+        BodyFlow::Buffer => BodyStatus::StopIterationAndBuffer,
+        // Held bytes live in the engine and a stopped stream has answered: buffer nothing.
+        BodyFlow::Hold | BodyFlow::Stop => BodyStatus::StopIterationNoBuffer,
+    })
 }
 
-fn trailers_status(flow: BodyFlow) -> i32 {
-    match flow {
-        BodyFlow::Continue => 0,
-        BodyFlow::Buffer | BodyFlow::Hold | BodyFlow::Stop => 1,
-    }
+fn trailers_status(flow: BodyFlow) -> HookStatus {
+    HookStatus::Trailers(match flow {
+        BodyFlow::Continue => TrailersStatus::Continue,
+        BodyFlow::Buffer | BodyFlow::Hold | BodyFlow::Stop => TrailersStatus::StopIteration,
+    })
 }
 
 impl HttpFilter {
@@ -263,7 +268,7 @@ impl HttpFilter {
         }
     }
 
-    fn on_event(&mut self, handle: FilterHandle, event: Event) -> i32 {
+    fn on_event(&mut self, handle: FilterHandle, event: Event) -> HookStatus {
         let in_body_hook = matches!(event, Event::RequestBody(_) | Event::ResponseBody(_));
         let mut host = EnvoyHost::new(handle, &self.config.metric_ids, in_body_hook);
         match event {
@@ -272,7 +277,7 @@ impl HttpFilter {
             Event::RequestTrailers => trailers_status(self.stream.on_request_trailers(&mut host)),
             Event::ResponseHeaders(eos) => {
                 let status = headers_status(self.stream.on_response_headers(&mut host, eos));
-                self.response_headers_sent = status == 0;
+                self.response_headers_sent = status == HookStatus::Headers(HeadersStatus::Continue);
                 status
             }
             Event::ResponseBody(eos) => body_status(self.stream.on_response_body(&mut host, eos)),
@@ -284,14 +289,13 @@ impl HttpFilter {
 /// Routes the `log` facade to Envoy's log (component `dynamic_modules`).
 struct EnvoyLogger;
 
-// Envoy's levels: Trace=0, Debug=1, Info=2, Warn=3, Error=4.
-fn envoy_level(level: log::Level) -> i32 {
+fn envoy_level(level: log::Level) -> LogLevel {
     match level {
-        log::Level::Trace => 0,
-        log::Level::Debug => 1,
-        log::Level::Info => 2,
-        log::Level::Warn => 3,
-        log::Level::Error => 4,
+        log::Level::Trace => LogLevel::Trace,
+        log::Level::Debug => LogLevel::Debug,
+        log::Level::Info => LogLevel::Info,
+        log::Level::Warn => LogLevel::Warn,
+        log::Level::Error => LogLevel::Error,
     }
 }
 
@@ -315,23 +319,103 @@ fn install_logger() {
 }
 
 #[cfg(test)]
-mod panic_tests {
+mod tests {
     use super::*;
+    use payload_processor_core::FilterConfig;
 
     #[test]
     fn a_contained_panic_stops_each_hook_as_that_hook_allows() {
         // Headers and trailers: StopIteration; bodies: StopIterationNoBuffer, never a request
         // to buffer a body no one will read after the local reply.
-        for (event, status) in [
-            (Event::RequestHeaders(false), 1),
-            (Event::RequestBody(false), 3),
-            (Event::RequestBody(true), 3),
-            (Event::RequestTrailers, 1),
-            (Event::ResponseHeaders(true), 1),
-            (Event::ResponseBody(false), 3),
-            (Event::ResponseTrailers, 1),
+        let stop_headers = HookStatus::Headers(HeadersStatus::StopIteration);
+        let stop_body = HookStatus::Body(BodyStatus::StopIterationNoBuffer);
+        let stop_trailers = HookStatus::Trailers(TrailersStatus::StopIteration);
+        for (event, status, raw) in [
+            (Event::RequestHeaders(false), stop_headers, 1),
+            (Event::RequestBody(false), stop_body, 3),
+            (Event::RequestBody(true), stop_body, 3),
+            (Event::RequestTrailers, stop_trailers, 1),
+            (Event::ResponseHeaders(true), stop_headers, 1),
+            (Event::ResponseBody(false), stop_body, 3),
+            (Event::ResponseTrailers, stop_trailers, 1),
         ] {
             assert_eq!(panic_status(event), status, "{event:?}");
+            assert_eq!(panic_status(event).raw(), raw, "{event:?}");
         }
+    }
+
+    #[test]
+    fn engine_flows_map_to_the_statuses_envoy_expects() {
+        // The C values of abi.h: headers Continue=0 StopIteration=1; body Continue=0,
+        // StopIterationAndBuffer=1, StopIterationNoBuffer=3; trailers Continue=0 StopIteration=1.
+        assert_eq!(headers_status(HeadersFlow::Continue).raw(), 0);
+        assert_eq!(headers_status(HeadersFlow::WaitForBody).raw(), 1);
+        assert_eq!(headers_status(HeadersFlow::Stop).raw(), 1);
+        assert_eq!(body_status(BodyFlow::Continue).raw(), 0);
+        assert_eq!(body_status(BodyFlow::Buffer).raw(), 1);
+        assert_eq!(body_status(BodyFlow::Hold).raw(), 3);
+        assert_eq!(body_status(BodyFlow::Stop).raw(), 3);
+        assert_eq!(trailers_status(BodyFlow::Continue).raw(), 0);
+        assert_eq!(trailers_status(BodyFlow::Buffer).raw(), 1);
+        assert_eq!(trailers_status(BodyFlow::Stop).raw(), 1);
+    }
+
+    #[test]
+    fn numbers_envoy_hands_back_are_converted_never_transmuted() {
+        use ffi::abi::{CalloutInitResult, CalloutResult};
+        assert_eq!(CalloutInitResult::from_raw(2), Some(CalloutInitResult::ClusterNotFound));
+        assert_eq!(CalloutInitResult::from_raw(99), None);
+        assert_eq!(CalloutResult::from_raw(1), Some(CalloutResult::Reset));
+        assert_eq!(CalloutResult::from_raw(-1), None);
+    }
+
+    /// A filter on a chain that reads request bodies, outside Envoy (no callbacks resolved:
+    /// any call into Envoy panics, which is what the test needs).
+    fn filter() -> HttpFilter {
+        let text = "processors: [{name: route, type: body-field-to-header}]";
+        let chain = Chain::build(
+            &FilterConfig::parse(text).unwrap(),
+            &payload_processor_plugins::builtin_registry(),
+        )
+        .unwrap();
+        let config = ModuleConfig {
+            metric_ids: vec![None; chain.metrics().len()],
+            chain: Arc::new(chain),
+            ticker: Mutex::new(None),
+            background: Mutex::new(BackgroundState::default()),
+        };
+        HttpFilter::new(Arc::new(config))
+    }
+
+    #[test]
+    #[allow(unsafe_code)] // drives the FFI hook as Envoy does
+    fn a_panic_poisons_the_stream_and_later_hooks_continue_without_the_engine() {
+        let mut filter = filter();
+        let pointer = (&mut filter as *mut HttpFilter).cast_const().cast();
+        // The engine reads a header through Envoy, which is absent here: a panic, contained.
+        // SAFETY: `pointer` is a live HttpFilter; the Envoy pointer is never dereferenced
+        // (every callback is unresolved and panics before a call).
+        let status = unsafe { ffi::on_event_status(std::ptr::null_mut(), pointer, Event::RequestHeaders(false)) };
+        assert_eq!(status, HookStatus::Headers(HeadersStatus::StopIteration));
+        assert!(filter.poisoned);
+        // Later hooks of the stream let it go on and never run the engine (which would panic
+        // again on the absent Envoy).
+        for (event, status) in [
+            (Event::RequestBody(true), HookStatus::Body(BodyStatus::Continue)),
+            (
+                Event::ResponseHeaders(false),
+                HookStatus::Headers(HeadersStatus::Continue),
+            ),
+            (Event::ResponseBody(true), HookStatus::Body(BodyStatus::Continue)),
+            (Event::ResponseTrailers, HookStatus::Trailers(TrailersStatus::Continue)),
+        ] {
+            // SAFETY: as above.
+            assert_eq!(
+                unsafe { ffi::on_event_status(std::ptr::null_mut(), pointer, event) },
+                status,
+                "{event:?}"
+            );
+        }
+        assert!(!filter.response_headers_sent);
     }
 }
