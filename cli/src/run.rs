@@ -101,6 +101,17 @@ impl Host for TracingHost {
     fn send_local_reply(&mut self, status: u16, headers: &[(String, String)], body: &[u8], details: &str) {
         self.inner.send_local_reply(status, headers, body, details)
     }
+    // Shown as the `.so` on Envoy 1.40 writes them.
+    fn set_metadata_struct(&mut self, namespace: &str, fields: &serde_json::Map<String, Value>) -> bool {
+        let shown = Value::Object(fields.clone()).to_string();
+        self.inner.set_metadata(namespace, "(struct)", &shown);
+        true
+    }
+    fn set_typed_metadata(&mut self, namespace: &str, type_url: &str, message: &[u8]) -> bool {
+        let shown = format!("{type_url}, {} bytes", message.len());
+        self.inner.set_metadata(namespace, "(typed)", &shown);
+        true
+    }
     fn now_nanos(&self) -> u64 {
         self.clock.elapsed().as_nanos() as u64
     }

@@ -31,6 +31,99 @@ pub struct Config {
     /// Prefix of usage response headers on buffered responses (`x-usage-`).
     #[serde(default)]
     pub response_headers: Option<String>,
+    /// The key names in `metadataNamespace`: ours (`input_tokens`, ...) or the OpenTelemetry
+    /// GenAI attribute names (`gen_ai.usage.input_tokens`, ...).
+    #[serde(default)]
+    pub metadata_keys: MetadataKeys,
+    /// Also write Envoy's own AI record, `envoy.data.ai.v3.TokenUsage`, as typed dynamic
+    /// metadata and its Struct projection in namespace `envoy.ai.token_usage`, where the host
+    /// can (the `.so` on Envoy 1.40; default true).
+    #[serde(default = "yes")]
+    pub envoy_ai_metadata: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+payload_processor_core::config_enum! {
+    /// Which names the usage keys get.
+    #[derive(Default)]
+    pub enum MetadataKeys {
+        #[default]
+        /// `input_tokens`, `output_tokens`, `total_tokens`, `cached_input_tokens`, `model`,
+        /// `ttft_ms`, `itl_ms`.
+        Default = "Default",
+        /// The OpenTelemetry GenAI names where one exists: `gen_ai.usage.input_tokens`,
+        /// `gen_ai.usage.output_tokens`, `gen_ai.usage.cache_read.input_tokens`,
+        /// `gen_ai.response.model`; the others keep their names.
+        OpenTelemetry = "OpenTelemetry",
+    }
+}
+
+impl MetadataKeys {
+    fn key(self, ours: &'static str) -> &'static str {
+        match (self, ours) {
+            (MetadataKeys::OpenTelemetry, "input_tokens") => "gen_ai.usage.input_tokens",
+            (MetadataKeys::OpenTelemetry, "output_tokens") => "gen_ai.usage.output_tokens",
+            (MetadataKeys::OpenTelemetry, "cached_input_tokens") => "gen_ai.usage.cache_read.input_tokens",
+            (MetadataKeys::OpenTelemetry, "model") => "gen_ai.response.model",
+            _ => ours,
+        }
+    }
+}
+
+/// Envoy's namespace for token usage (what its AI filters write and read).
+pub const ENVOY_AI_NAMESPACE: &str = "envoy.ai.token_usage";
+/// The type URL of Envoy's token usage record.
+pub const ENVOY_AI_TYPE_URL: &str = "type.googleapis.com/envoy.data.ai.v3.TokenUsage";
+
+/// `envoy.data.ai.v3.TokenUsage` as Envoy 1.40 declares it (field numbers from its
+/// descriptor); counts are `google.protobuf.UInt64Value`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct EnvoyTokenUsage {
+    /// `envoy.type.ai.v3.LLMProtocol`.
+    #[prost(int32, tag = "1")]
+    pub llm_protocol: i32,
+    /// The model the response reported.
+    #[prost(string, tag = "2")]
+    pub model: String,
+    /// Every input token (cached and cache writes included).
+    #[prost(message, optional, tag = "3")]
+    pub input_tokens: Option<u64>,
+    /// Generated tokens.
+    #[prost(message, optional, tag = "4")]
+    pub output_tokens: Option<u64>,
+    /// `input_tokens + output_tokens`, when both are known.
+    #[prost(message, optional, tag = "5")]
+    pub total_tokens: Option<u64>,
+    /// Cache reads.
+    #[prost(message, optional, tag = "6")]
+    pub input_token_details: Option<EnvoyInputTokenDetails>,
+    /// The total the provider reported.
+    #[prost(message, optional, tag = "8")]
+    pub provider_total_tokens: Option<u64>,
+    /// `ExtractionStatus`: COMPLETE = 1.
+    #[prost(int32, tag = "9")]
+    pub extraction_status: i32,
+}
+
+/// `envoy.data.ai.v3.InputTokenDetails`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct EnvoyInputTokenDetails {
+    /// Cache-read input tokens.
+    #[prost(message, optional, tag = "1")]
+    pub cached_tokens: Option<u64>,
+}
+
+/// `envoy.type.ai.v3.LLMProtocol` of an API.
+fn llm_protocol(api: Api) -> (i32, &'static str) {
+    match api {
+        Api::OpenAiChat => (1, "OPENAI_CHAT_COMPLETIONS"),
+        Api::OpenAiResponses => (2, "OPENAI_RESPONSES"),
+        Api::Anthropic => (3, "ANTHROPIC_MESSAGES"),
+        Api::OpenAiCompletions | Api::Unknown => (0, "LLM_PROTOCOL_UNSPECIFIED"),
+    }
 }
 
 fn default_namespace() -> String {
@@ -119,6 +212,9 @@ struct StreamState {
 #[derive(Debug)]
 pub struct TokenUsage {
     namespace: String,
+    keys: MetadataKeys,
+    envoy_ai_metadata: bool,
+    envoy_record: Counter,
     force_include_usage: bool,
     header_prefix: Option<String>,
     recorded: Counter,
@@ -141,6 +237,9 @@ pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugi
     }
     Ok(Arc::new(TokenUsage {
         namespace: config.metadata_namespace,
+        keys: config.metadata_keys,
+        envoy_ai_metadata: config.envoy_ai_metadata,
+        envoy_record: ctx.counter("envoy_ai_record"),
         force_include_usage: config.force_include_usage,
         header_prefix: config.response_headers.map(|p| p.to_ascii_lowercase()),
         recorded: ctx.counter("usage_recorded"),
@@ -223,13 +322,70 @@ impl TokenUsage {
         ];
         for (key, value) in fields {
             if let Some(value) = value {
-                ctx.set_metadata_number(&self.namespace, key, value as f64);
+                ctx.set_metadata_number(&self.namespace, self.keys.key(key), value as f64);
             }
         }
     }
 
     fn write_model(&self, ctx: &mut Context<'_>, model: &str) {
-        ctx.set_metadata(&self.namespace, "model", model);
+        ctx.set_metadata(&self.namespace, self.keys.key("model"), model);
+    }
+
+    /// Envoy's own record, once per exchange, as typed metadata and its Struct projection
+    /// (the shape Envoy's AI filters publish), where the host can write them.
+    fn write_envoy_record(&self, ctx: &mut Context<'_>, usage: &Usage, model: Option<&str>) {
+        if !self.envoy_ai_metadata {
+            return;
+        }
+        let path = ctx.request_header(":path").unwrap_or_default();
+        let (protocol, protocol_name) = llm_protocol(Api::from_path(&path));
+        let total = match (usage.input, usage.output) {
+            (Some(input), Some(output)) => Some(input + output),
+            _ => None,
+        };
+        let record = EnvoyTokenUsage {
+            llm_protocol: protocol,
+            model: model.unwrap_or_default().to_string(),
+            input_tokens: usage.input,
+            output_tokens: usage.output,
+            total_tokens: total,
+            input_token_details: usage.cached_input.map(|cached| EnvoyInputTokenDetails {
+                cached_tokens: Some(cached),
+            }),
+            provider_total_tokens: usage.total,
+            extraction_status: 1,
+        };
+        let typed = ctx.set_typed_metadata(
+            ENVOY_AI_NAMESPACE,
+            ENVOY_AI_TYPE_URL,
+            &prost::Message::encode_to_vec(&record),
+        );
+        let mut projection = serde_json::Map::new();
+        projection.insert("llm_protocol".into(), protocol_name.into());
+        if let Some(model) = model {
+            projection.insert("model".into(), model.into());
+        }
+        for (key, value) in [
+            ("input_tokens", usage.input),
+            ("output_tokens", usage.output),
+            ("total_tokens", total),
+            ("provider_total_tokens", usage.total),
+        ] {
+            if let Some(value) = value {
+                projection.insert(key.into(), value.into());
+            }
+        }
+        if let Some(cached) = usage.cached_input {
+            projection.insert(
+                "input_token_details".into(),
+                serde_json::json!({"cached_tokens": cached}),
+            );
+        }
+        projection.insert("extraction_status".into(), "COMPLETE".into());
+        let projected = ctx.set_metadata_struct(ENVOY_AI_NAMESPACE, &projection);
+        if typed && projected {
+            ctx.increment(self.envoy_record);
+        }
     }
 }
 
@@ -303,6 +459,7 @@ impl Plugin for TokenUsage {
             return Ok(Decision::Continue);
         };
         self.write_usage(ctx, &usage);
+        self.write_envoy_record(ctx, &usage, model.as_deref());
         ctx.increment(self.recorded);
         if let Some(prefix) = &self.header_prefix {
             let headers = [
@@ -387,12 +544,15 @@ impl Plugin for TokenUsage {
     fn on_stream_end(&self, ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
         let state = ctx.state::<StreamState>();
         let usage = state.usage;
+        let model = state.model.clone();
         let timing = state.first_content_nanos.map(|first| (first, state.last_content_nanos));
         let content_events = state.content_events;
         if usage == Usage::default() {
             ctx.increment(self.missing);
         } else {
             ctx.increment(self.recorded);
+            // Published once, at the end of the stream, as Envoy's AI filters do.
+            self.write_envoy_record(ctx, &usage, model.as_deref());
         }
         if let Some((first, last)) = timing {
             // Mean gap between output tokens after the first; chunks stand in for tokens when
@@ -618,5 +778,73 @@ mod tests {
             let err = Chain::load(&yaml, &registry).unwrap_err().to_string();
             assert!(err.starts_with(expected), "{err}");
         }
+    }
+
+    fn buffered_on(chain: &Arc<Chain>, mut host: FakeHost, body: Value) -> FakeHost {
+        let mut stream = Stream::new(chain.clone());
+        stream.on_request_headers(&mut host, true);
+        host.response_headers
+            .push(("content-type".into(), "application/json".into()));
+        host.response_body = serde_json::to_vec(&body).unwrap();
+        stream.on_response_headers(&mut host, false);
+        stream.on_response_body(&mut host, true);
+        host
+    }
+
+    #[test]
+    fn writes_envoys_token_usage_record_where_the_host_can() {
+        let body = json!({"model": "claude", "usage": {"input_tokens": 10, "output_tokens": 5,
+                          "cache_read_input_tokens": 3}});
+        let mut host = FakeHost::request("/v1/messages", &[], b"{}");
+        host.metadata_structs = Some(Default::default()); // a host that writes them (.so on 1.40)
+        let host = buffered_on(&chain("{}"), host, body.clone());
+        let (type_url, bytes) = &host.typed_metadata[ENVOY_AI_NAMESPACE];
+        assert_eq!(type_url, "type.googleapis.com/envoy.data.ai.v3.TokenUsage");
+        let record = <EnvoyTokenUsage as prost::Message>::decode(bytes.as_slice()).unwrap();
+        assert_eq!(record.llm_protocol, 3, "ANTHROPIC_MESSAGES");
+        assert_eq!(record.model, "claude");
+        // Anthropic's cache reads are part of the canonical input, as Envoy counts them.
+        assert_eq!(
+            (record.input_tokens, record.output_tokens, record.total_tokens),
+            (Some(13), Some(5), Some(18))
+        );
+        assert_eq!(record.input_token_details.unwrap().cached_tokens, Some(3));
+        assert_eq!(record.provider_total_tokens, None, "Anthropic reports no total");
+        assert_eq!(record.extraction_status, 1);
+        let projection = &host.metadata_structs.as_ref().unwrap()[ENVOY_AI_NAMESPACE];
+        assert_eq!(projection["llm_protocol"], "ANTHROPIC_MESSAGES");
+        assert_eq!(projection["total_tokens"], 18);
+
+        // A host that cannot (the .wasm) gets the flat keys only, and nothing fails.
+        let host = buffered_on(
+            &chain("{}"),
+            FakeHost::request("/v1/messages", &[], b"{}"),
+            body.clone(),
+        );
+        assert!(host.typed_metadata.is_empty());
+        assert_eq!(metadata(&host, "input_tokens").as_deref(), Some("13"));
+
+        // Turned off.
+        let mut host = FakeHost::request("/v1/messages", &[], b"{}");
+        host.metadata_structs = Some(Default::default());
+        let host = buffered_on(&chain("{envoyAiMetadata: false}"), host, body);
+        assert!(host.typed_metadata.is_empty() && host.metadata_structs.unwrap().is_empty());
+    }
+
+    #[test]
+    fn opentelemetry_key_names_where_genai_has_one() {
+        let body = json!({"model": "gpt", "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15,
+                          "prompt_tokens_details": {"cached_tokens": 4}}});
+        let host = buffered(&chain("{metadataKeys: OpenTelemetry}"), "/v1/chat/completions", body);
+        for (key, value) in [
+            ("gen_ai.usage.input_tokens", "10"),
+            ("gen_ai.usage.output_tokens", "5"),
+            ("gen_ai.usage.cache_read.input_tokens", "4"),
+            ("gen_ai.response.model", "gpt"),
+            ("total_tokens", "15"),
+        ] {
+            assert_eq!(metadata(&host, key).as_deref(), Some(value), "{key}");
+        }
+        assert_eq!(metadata(&host, "input_tokens"), None);
     }
 }

@@ -348,3 +348,69 @@ def test_streams_pass_through_without_waiting_for_the_upstream(gateway, model, c
     # leaves the upstream. A buffering gateway would deliver it after `finished_at`.
     assert first_event_at is not None and first_event_at < finished_at - 0.5, (
         first_event_at - started, finished_at - started)
+
+
+def envoy_ai_access_log(form, path):
+    """An access log of Envoy's own AI record (typed, read with CEL, and its Struct projection)
+    and of token-usage's keys under their OpenTelemetry names."""
+    otel = ["gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens", "gen_ai.response.model"]
+    if form == "wasm":
+        fields = {k: f"%FILTER_STATE(wasm.{NS}.{k}:PLAIN)%" for k in otel}
+    else:
+        fields = {k: f"%DYNAMIC_METADATA({NS}:{k})%" for k in otel}
+    fields["struct"] = "%DYNAMIC_METADATA(envoy.ai.token_usage)%"
+    fields["typed_input_tokens"] = "%CEL(metadata.typed_filter_metadata['envoy.ai.token_usage'].input_tokens)%"
+    fields["typed"] = "%CEL(metadata.typed_filter_metadata['envoy.ai.token_usage'])%"
+    return [{
+        "name": "envoy.access_loggers.file",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": str(path),
+            "log_format": {"json_format": fields, "formatters": [{
+                "name": "envoy.formatter.cel",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.formatter.cel.v3.Cel"}}]},
+        },
+    }]
+
+
+def test_envoys_ai_token_usage_record_and_opentelemetry_keys(start_envoy, form, model):
+    """Envoy 1.40's AI filters publish token usage as typed metadata `envoy.ai.token_usage`
+    (`envoy.data.ai.v3.TokenUsage`) plus its Struct projection; the .so on 1.40 writes both,
+    read back here through an access log (CEL decodes the typed record). The .wasm cannot write
+    metadata at all: it keeps the filter-state strings, under the OpenTelemetry names here."""
+    from harness import ENVOY_VERSION
+
+    log = Path(tempfile.mkdtemp(prefix="access-")) / "access.log"
+    chain = "processors: [{name: usage, type: token-usage, parameters: {metadataKeys: OpenTelemetry}}]"
+    config = bootstrap([processor_filter(form, chain)],
+                       [{"match": {"prefix": "/"}, "route": {"cluster": "model", "timeout": "30s"}}],
+                       [cluster("model", model.port)], access_log=envoy_ai_access_log(form, log))
+    envoy = start_envoy(config)
+    client = openai_client(envoy)
+    client.chat.completions.create(model="m-1", messages=MESSAGES)
+    buffered = model.requests[-1]["usage"]
+    list(client.chat.completions.create(model="m-1", messages=MESSAGES, stream=True,
+                                        stream_options={"include_usage": True}))
+    streamed = model.requests[-1]["usage"]
+    lines = read_access_log(log, 2)
+    for line, usage in zip(lines, (buffered, streamed)):
+        assert float(line["gen_ai.usage.input_tokens"]) == usage["input"], line
+        assert float(line["gen_ai.usage.output_tokens"]) == usage["output"], line
+        assert line["gen_ai.response.model"] == "m-1", line
+        writes_envoy_record = form == "dynamic-module" and ENVOY_VERSION >= (1, 40, 0)
+        if not writes_envoy_record:
+            assert line["struct"] in (None, "-", {}), line
+            continue
+        assert line["struct"] == {
+            "llm_protocol": "OPENAI_CHAT_COMPLETIONS", "model": "m-1",
+            "input_tokens": usage["input"], "output_tokens": usage["output"],
+            "total_tokens": usage["input"] + usage["output"],
+            "provider_total_tokens": usage["input"] + usage["output"],
+            "input_token_details": {"cached_tokens": usage["cached"]},
+            "extraction_status": "COMPLETE"}, line
+        assert str(line["typed_input_tokens"]) == str(usage["input"]), line
+        assert 'llm_protocol: OPENAI_CHAT_COMPLETIONS' in line["typed"], line
+        assert f'output_tokens {{ value: {usage["output"]} }}' in line["typed"], line
+    stats = envoy.stats("processor.usage")
+    expected = 2 if form == "dynamic-module" and ENVOY_VERSION >= (1, 40, 0) else 0
+    assert stats.get("payload_processor.processor.usage.envoy_ai_record", 0) == expected, stats

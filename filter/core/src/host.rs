@@ -111,6 +111,16 @@ pub trait Host {
     /// dynamic metadata such clusters read need nothing here; proxy-wasm, which cannot write
     /// dynamic metadata, sets the typed filter state those clusters honour.
     fn set_original_destination(&mut self, _endpoint: &str) {}
+    /// Sets a whole dynamic metadata namespace from a JSON object (Envoy: a
+    /// `google.protobuf.Struct`). False when the host cannot (the `.wasm`, Envoy before 1.40).
+    fn set_metadata_struct(&mut self, _namespace: &str, _fields: &serde_json::Map<String, serde_json::Value>) -> bool {
+        false
+    }
+    /// Sets typed dynamic metadata: a serialized protobuf message of `type_url`
+    /// (`type.googleapis.com/<full name>`). False when the host cannot.
+    fn set_typed_metadata(&mut self, _namespace: &str, _type_url: &str, _message: &[u8]) -> bool {
+        false
+    }
     /// True when the host wants a [`ProcessorTrace`] after every invocation (the offline
     /// CLI); proxies leave it off and pay nothing.
     fn tracing(&self) -> bool {

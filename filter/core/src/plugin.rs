@@ -303,6 +303,20 @@ impl Context<'_> {
         self.host.set_metadata_number(namespace, key, value);
     }
 
+    /// Sets a whole dynamic metadata namespace from a JSON object; false when the host cannot.
+    pub fn set_metadata_struct(
+        &mut self,
+        namespace: &str,
+        fields: &serde_json::Map<String, serde_json::Value>,
+    ) -> bool {
+        self.host.set_metadata_struct(namespace, fields)
+    }
+
+    /// Sets typed dynamic metadata (a serialized protobuf message); false when the host cannot.
+    pub fn set_typed_metadata(&mut self, namespace: &str, type_url: &str, message: &[u8]) -> bool {
+        self.host.set_typed_metadata(namespace, type_url, message)
+    }
+
     /// This processor's state for this stream, created with `T::default()` on first use and
     /// kept across the request and response callbacks (plugins themselves are shared).
     pub fn state<T: Default + 'static>(&mut self) -> &mut T {

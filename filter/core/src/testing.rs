@@ -65,6 +65,11 @@ pub struct FakeHost {
     pub headers_hold: Option<HeadersHold>,
     /// Whether the stream was reset.
     pub reset: bool,
+    /// Whole namespaces set with `set_metadata_struct` (`None`: the host refuses, as the
+    /// `.wasm` does).
+    pub metadata_structs: Option<BTreeMap<String, serde_json::Map<String, serde_json::Value>>>,
+    /// Typed metadata: namespace -> (type URL, message bytes), when `metadata_structs` is on.
+    pub typed_metadata: BTreeMap<String, (String, Vec<u8>)>,
 }
 
 impl FakeHost {
@@ -212,6 +217,23 @@ impl Host for FakeHost {
     }
     fn upstream_address(&self) -> Option<String> {
         self.upstream.clone()
+    }
+    fn set_metadata_struct(&mut self, namespace: &str, fields: &serde_json::Map<String, serde_json::Value>) -> bool {
+        match &mut self.metadata_structs {
+            Some(structs) => {
+                structs.insert(namespace.to_string(), fields.clone());
+                true
+            }
+            None => false,
+        }
+    }
+    fn set_typed_metadata(&mut self, namespace: &str, type_url: &str, message: &[u8]) -> bool {
+        if self.metadata_structs.is_none() {
+            return false;
+        }
+        self.typed_metadata
+            .insert(namespace.to_string(), (type_url.to_string(), message.to_vec()));
+        true
     }
     fn set_original_destination(&mut self, endpoint: &str) {
         self.original_destination = Some(endpoint.to_string());

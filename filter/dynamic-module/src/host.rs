@@ -104,6 +104,20 @@ impl Host for EnvoyHost<'_> {
         self.filter.set_metadata_number(namespace, key, value);
     }
 
+    fn set_metadata_struct(&mut self, namespace: &str, fields: &serde_json::Map<String, serde_json::Value>) -> bool {
+        let message = prost::Message::encode_to_vec(&protobuf_struct(fields));
+        self.filter.set_metadata_struct(namespace, &message)
+    }
+
+    fn set_typed_metadata(&mut self, namespace: &str, type_url: &str, message: &[u8]) -> bool {
+        let any = prost_types::Any {
+            type_url: type_url.to_string(),
+            value: message.to_vec(),
+        };
+        self.filter
+            .set_typed_metadata(namespace, &prost::Message::encode_to_vec(&any))
+    }
+
     fn send_local_reply(&mut self, status: u16, headers: &[(String, String)], body: &[u8], details: &str) {
         self.filter.send_response(status, headers, body, details);
     }
@@ -193,4 +207,30 @@ impl BackgroundHost for EnvoyBackgroundHost<'_> {
             self.config.set_gauge(*envoy_id, value);
         }
     }
+}
+
+/// A JSON object as a `google.protobuf.Struct` (numbers become doubles, as in any Struct).
+fn protobuf_struct(fields: &serde_json::Map<String, serde_json::Value>) -> prost_types::Struct {
+    prost_types::Struct {
+        fields: fields
+            .iter()
+            .map(|(key, value)| (key.clone(), protobuf_value(value)))
+            .collect(),
+    }
+}
+
+fn protobuf_value(value: &serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    use serde_json::Value;
+    let kind = match value {
+        Value::Null => Kind::NullValue(0),
+        Value::Bool(b) => Kind::BoolValue(*b),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        Value::String(s) => Kind::StringValue(s.clone()),
+        Value::Array(items) => Kind::ListValue(prost_types::ListValue {
+            values: items.iter().map(protobuf_value).collect(),
+        }),
+        Value::Object(fields) => Kind::StructValue(protobuf_struct(fields)),
+    };
+    prost_types::Value { kind: Some(kind) }
 }

@@ -410,11 +410,8 @@ mod tests {
             (Event::ResponseTrailers, HookStatus::Trailers(TrailersStatus::Continue)),
         ] {
             // SAFETY: as above.
-            assert_eq!(
-                unsafe { ffi::on_event_status(std::ptr::null_mut(), pointer, event) },
-                status,
-                "{event:?}"
-            );
+            let got = unsafe { ffi::on_event_status(std::ptr::null_mut(), pointer, event) };
+            assert_eq!(got, status, "{event:?}");
         }
         assert!(!filter.response_headers_sent);
     }

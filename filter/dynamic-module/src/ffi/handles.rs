@@ -311,6 +311,37 @@ impl FilterHandle {
         };
     }
 
+    /// Sets a whole namespace from a serialized `google.protobuf.Struct`; false when this
+    /// Envoy lacks the callback (before 1.40) or refused the bytes.
+    pub(crate) fn set_metadata_struct(&self, namespace: &str, serialized: &[u8]) -> bool {
+        let Some(set) = callbacks().envoy_dynamic_module_callback_http_set_dynamic_metadata_struct else {
+            return false;
+        };
+        // SAFETY: the filter pointer of the current hook; buffers outlive the call.
+        unsafe {
+            set(
+                self.0,
+                ModuleBuffer::of(namespace.as_bytes()),
+                ModuleBuffer::of(serialized),
+            )
+        }
+    }
+
+    /// Sets typed metadata from a serialized `google.protobuf.Any`; false as above.
+    pub(crate) fn set_typed_metadata(&self, namespace: &str, serialized_any: &[u8]) -> bool {
+        let Some(set) = callbacks().envoy_dynamic_module_callback_http_set_dynamic_typed_metadata else {
+            return false;
+        };
+        // SAFETY: the filter pointer of the current hook; buffers outlive the call.
+        unsafe {
+            set(
+                self.0,
+                ModuleBuffer::of(namespace.as_bytes()),
+                ModuleBuffer::of(serialized_any),
+            )
+        }
+    }
+
     pub(crate) fn set_metadata_number(&self, namespace: &str, key: &str, value: f64) {
         // SAFETY: the filter pointer of the current hook; buffers outlive the call.
         unsafe {
