@@ -481,9 +481,18 @@ def write_outputs(out, meta, rows):
     print(table)
 
 
+# The quick mode proves the harness end to end on one variant of each family (the baselines, the
+# ext_proc sidecar, both forms routing, guards, a stream, the endpoint picker); the full run
+# measures them all.
+QUICK_VARIANTS = ["plain", "buffer", "ext_proc", "dynamic_module", "wasm", "guards_dynamic_module",
+                  "stream_plain", "stream_usage_dynamic_module", "epp_dynamic_module"]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1 and 16 KiB, model last, 1 repeat of 1 s")
+    parser.add_argument("--quick", action="store_true",
+                        help="1 and 16 KiB, model last, 1 repeat of 1 s, one variant of each family "
+                             "(QUICK_VARIANTS) unless --variants says otherwise")
     parser.add_argument("--variants", help="comma list (default: all)")
     parser.add_argument("--sizes", help="comma list of " + ", ".join(SIZES))
     parser.add_argument("--repeats", type=int, default=3)
@@ -516,7 +525,12 @@ def main():
             bodies.append((size, position, path))
     nginx = Nginx(STREAM_LOCATION + EPP_LOCATION, extra_ports=EPP_PORTS - 1)
     all_variants = variants()
-    chosen = args.variants.split(",") if args.variants else list(all_variants)
+    if args.variants:
+        chosen = args.variants.split(",")
+    elif args.quick:
+        chosen = [name for name in QUICK_VARIANTS if name in all_variants]
+    else:
+        chosen = list(all_variants)
     try:
         rows = measure(chosen, all_variants, args, nginx, bodies, work)
     finally:

@@ -16,8 +16,11 @@ example=(--manifest-path examples/custom-plugin/Cargo.toml --target-dir target/e
 # Built apart: together, cargo would unify the CLI's `schema` feature into the module.
 cargo build --release --locked -p payload-processor-dynamic-module
 cp target/release/libpayload_processor.so dist/
-cargo build --release --locked -p payload-processor-cli
-cp target/release/payload-processor dist/
+# The CLI is built optimised; scripts/test.sh and CI take the debug build `cargo test` already
+# made (PAYLOAD_PROCESSOR_CLI_PROFILE=dev) instead of a second long optimised link.
+cli_profile=${PAYLOAD_PROCESSOR_CLI_PROFILE:-release}
+cargo build --profile "$cli_profile" --locked -p payload-processor-cli
+cp "target/$([ "$cli_profile" = dev ] && echo debug || echo "$cli_profile")/payload-processor" dist/
 cargo build "${wasm[@]}" --locked -p payload-processor-proxy-wasm
 cp target/wasm32-wasip1/wasm-release/payload_processor_wasm.wasm dist/payload_processor.wasm
 cargo build --release "${example[@]}"

@@ -4,6 +4,8 @@
 # and, in short mode, against the other Envoy releases of the support matrix.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The tests use the CLI's debug build, which `cargo test` makes anyway (see scripts/build.sh).
+export PAYLOAD_PROCESSOR_CLI_PROFILE=${PAYLOAD_PROCESSOR_CLI_PROFILE:-dev}
 
 scripts/setup.sh
 cargo fmt --all -- --check
