@@ -7,6 +7,7 @@ pub mod base_model_to_header;
 pub mod body_field_to_header;
 pub mod body_mutation;
 mod common;
+pub mod embedding;
 pub mod endpoint_picker;
 pub mod guard;
 pub mod json_to_multipart;

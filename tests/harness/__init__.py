@@ -263,3 +263,13 @@ class Envoy:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def wordllama_files():
+    """The static embedding model the tests use: (weights, tokenizer.json) inside the installed
+    `wordllama` wheel (installed by scripts/setup.sh; never committed)."""
+    import wordllama
+
+    package = Path(wordllama.__file__).parent
+    return (package / "weights" / "l2_supercat_256.safetensors",
+            package / "tokenizers" / "l2_supercat_tokenizer_config.json")
