@@ -15,6 +15,7 @@ pub mod mcp_router;
 pub mod model_rewrite;
 pub mod prompt_decorator;
 pub mod request_validator;
+pub mod semantic_router;
 pub mod token_usage;
 
 // The guard family's public parts keep their paths.
@@ -55,6 +56,7 @@ pub fn register_builtins(registry: &mut Registry) {
         pii_guard,
         prompt_guard,
         endpoint_picker,
+        semantic_router,
     );
 }
 

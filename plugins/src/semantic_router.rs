@@ -1,0 +1,354 @@
+//! `semantic-router`: routes a request by the meaning of its prompt. The prompt is embedded with
+//! a static embedding model (`crate::embedding`), compared with each route's example groups, and
+//! the best route above its threshold rewrites `model` and the routing header.
+//!
+//! The users' reference (a full example, every parameter, behaviour, quality): `docs/plugins/semantic-router.md`.
+
+use crate::common::validate_header_name;
+use crate::embedding::{cosine, normalize, shared_model, ModelError, StaticModel};
+use payload_processor_core::{
+    BuildContext, ConfigError, Context, Counter, Decision, FieldPath, PhaseNeed, Plugin, PluginError,
+};
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::Value;
+use std::sync::Arc;
+
+/// Registry key.
+pub const TYPE_NAME: &str = "semantic-router";
+
+/// Parameters.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(rename = "SemanticRouterParameters")]
+pub struct Config {
+    /// The static embedding model.
+    pub embedding: EmbeddingConfig,
+    /// The routes, each with its example utterances.
+    pub routes: Vec<RouteConfig>,
+    /// Where requests below every route's threshold go.
+    pub default_model: String,
+    /// Similarity a route needs when it sets no threshold of its own (default 0.5).
+    #[serde(default = "default_threshold")]
+    pub threshold: f32,
+    /// Only requests asking for one of these models are routed (default `["auto"]`).
+    #[serde(default = "default_triggers")]
+    pub trigger_models: Vec<String>,
+    /// Response-independent report of the chosen route, on the request (default `x-semantic-route`).
+    #[serde(default = "default_route_header")]
+    pub route_header: String,
+    /// The routing header set to the chosen model (default `X-Gateway-Model-Name`).
+    #[serde(default = "default_model_header")]
+    pub header_name: String,
+    /// What is embedded (default `LastUserMessage`).
+    #[serde(default)]
+    pub text: TextSource,
+    /// Dynamic metadata namespace for `route` and `score`.
+    #[serde(default = "default_namespace")]
+    pub metadata_namespace: String,
+}
+
+/// Where the model's files are.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EmbeddingConfig {
+    /// The safetensors table (the `.so` reads it at config load).
+    pub weights: String,
+    /// The model's `tokenizer.json`.
+    pub tokenizer: String,
+}
+
+/// One route.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Name, in the route header, stats and metadata.
+    pub name: String,
+    /// The model requests of this route go to.
+    pub model: String,
+    /// Example utterances: a list (one group), or a list of lists (several groups, each its own
+    /// centroid; the route scores as its best group).
+    pub utterances: Utterances,
+    /// Similarity this route needs (default the plugin's `threshold`).
+    pub threshold: Option<f32>,
+}
+
+/// One group of utterances, or several.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Utterances {
+    /// Several groups.
+    Groups(Vec<Vec<String>>),
+    /// One group.
+    One(Vec<String>),
+}
+
+payload_processor_core::config_enum! {
+    /// What text is embedded.
+    #[derive(Default)]
+    pub enum TextSource {
+        #[default]
+        /// The last user message (chat `messages`, Anthropic `messages`, responses `input`,
+        /// completions `prompt`).
+        LastUserMessage = "LastUserMessage",
+        /// Every user and system text of the conversation, joined.
+        Conversation = "Conversation",
+    }
+}
+
+fn default_threshold() -> f32 {
+    0.5
+}
+fn default_triggers() -> Vec<String> {
+    vec!["auto".into()]
+}
+fn default_route_header() -> String {
+    "x-semantic-route".into()
+}
+fn default_model_header() -> String {
+    "X-Gateway-Model-Name".into()
+}
+fn default_namespace() -> String {
+    "envoy.payload_processor.semantic_router".into()
+}
+
+/// A route with its group centroids (unit length).
+#[derive(Debug)]
+struct Route {
+    name: String,
+    model: String,
+    threshold: f32,
+    centroids: Vec<Vec<f32>>,
+    routed: Counter,
+}
+
+/// The plugin.
+#[derive(Debug)]
+pub struct SemanticRouter {
+    model: Arc<StaticModel>,
+    routes: Vec<Route>,
+    default_model: String,
+    triggers: Vec<String>,
+    route_header: String,
+    header_name: String,
+    text: TextSource,
+    namespace: String,
+    model_field: FieldPath,
+    defaulted: Counter,
+    not_triggered: Counter,
+    no_text: Counter,
+}
+
+/// Loads the model named by `config` once per process (shared with every other processor and
+/// configuration naming the same files); errors carry the parameter path.
+pub(crate) fn load_model(config: &EmbeddingConfig, ctx: &BuildContext) -> Result<Arc<StaticModel>, ConfigError> {
+    shared_model(&config.weights, &config.tokenizer, || {
+        let weights = ctx
+            .read_file(&config.weights)
+            .map_err(|err| ModelError::Weights(format!("cannot read: {err}")))?;
+        let tokenizer = ctx
+            .read_file(&config.tokenizer)
+            .map_err(|err| ModelError::Tokenizer(format!("cannot read: {err}")))?;
+        StaticModel::load(&weights, &tokenizer)
+    })
+    .map_err(|err| match err {
+        ModelError::Weights(message) => ConfigError::new("embedding.weights", message),
+        ModelError::Tokenizer(message) => ConfigError::new("embedding.tokenizer", message),
+        ModelError::Mismatch(message) => ConfigError::new("embedding", message),
+    })
+}
+
+/// Factory.
+pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugin>, ConfigError> {
+    let config: Config = ctx.parameters(parameters)?;
+    validate_header_name(&config.route_header, "routeHeader")?;
+    validate_header_name(&config.header_name, "headerName")?;
+    if config.routes.is_empty() {
+        return Err(ConfigError::new("routes", "at least one route is needed"));
+    }
+    if config.default_model.trim().is_empty() {
+        return Err(ConfigError::new("defaultModel", "must not be empty"));
+    }
+    if !(-1.0..=1.0).contains(&config.threshold) {
+        return Err(ConfigError::new("threshold", "a cosine similarity between -1 and 1"));
+    }
+    let model = load_model(&config.embedding, ctx)?;
+    let mut routes = Vec::with_capacity(config.routes.len());
+    for (i, route) in config.routes.iter().enumerate() {
+        let at = |field: &str| format!("routes[{i}].{field}");
+        if routes.iter().any(|r: &Route| r.name == route.name) {
+            return Err(ConfigError::new(
+                at("name"),
+                format!("duplicate route name {:?}", route.name),
+            ));
+        }
+        if let Some(threshold) = route.threshold {
+            if !(-1.0..=1.0).contains(&threshold) {
+                return Err(ConfigError::new(
+                    at("threshold"),
+                    "a cosine similarity between -1 and 1",
+                ));
+            }
+        }
+        let groups: Vec<&[String]> = match &route.utterances {
+            Utterances::One(group) => vec![group.as_slice()],
+            Utterances::Groups(groups) => groups.iter().map(Vec::as_slice).collect(),
+        };
+        let mut centroids = Vec::with_capacity(groups.len());
+        for (g, group) in groups.iter().enumerate() {
+            if group.is_empty() {
+                return Err(ConfigError::new(at(&format!("utterances[{g}]")), "an empty group"));
+            }
+            // The mean of the unit-length utterance vectors, itself made unit length.
+            let mut centroid = vec![0f32; model.dim()];
+            for utterance in group.iter() {
+                let mut v = model.embed(utterance);
+                normalize(&mut v);
+                centroid.iter_mut().zip(&v).for_each(|(c, x)| *c += x);
+            }
+            normalize(&mut centroid);
+            if centroid.iter().all(|x| *x == 0.0) {
+                return Err(ConfigError::new(
+                    at(&format!("utterances[{g}]")),
+                    "no utterance has a token the model knows",
+                ));
+            }
+            centroids.push(centroid);
+        }
+        routes.push(Route {
+            name: route.name.clone(),
+            model: route.model.clone(),
+            threshold: route.threshold.unwrap_or(config.threshold),
+            centroids,
+            routed: ctx.counter(&format!("route.{}", route.name)),
+        });
+    }
+    Ok(Arc::new(SemanticRouter {
+        model,
+        routes,
+        default_model: config.default_model,
+        triggers: config.trigger_models,
+        route_header: config.route_header.to_ascii_lowercase(),
+        header_name: config.header_name.to_ascii_lowercase(),
+        text: config.text,
+        namespace: config.metadata_namespace,
+        model_field: FieldPath::Members(vec!["model".into()]),
+        defaulted: ctx.counter("route.default"),
+        not_triggered: ctx.counter("not_triggered"),
+        no_text: ctx.counter("no_text"),
+    }))
+}
+
+/// The text of a message's `content`: a string, or the text parts of a list.
+fn content_text(content: &Value) -> Option<String> {
+    match content {
+        Value::String(text) => Some(text.clone()),
+        Value::Array(parts) => {
+            let texts: Vec<&str> = parts
+                .iter()
+                .filter_map(|part| part.get("text").and_then(Value::as_str).or_else(|| part.as_str()))
+                .collect();
+            (!texts.is_empty()).then(|| texts.join("\n"))
+        }
+        _ => None,
+    }
+}
+
+/// The text to embed from a request document of the known API shapes.
+fn request_text(doc: &Value, source: TextSource) -> Option<String> {
+    let messages = doc
+        .get("messages")
+        .or_else(|| doc.get("input").filter(|input| input.is_array()))
+        .and_then(Value::as_array);
+    if let Some(messages) = messages {
+        let role = |m: &Value| m.get("role").and_then(Value::as_str).unwrap_or("user").to_string();
+        return match source {
+            TextSource::LastUserMessage => messages
+                .iter()
+                .rev()
+                .find(|m| role(m) == "user")
+                .and_then(|m| m.get("content").and_then(content_text)),
+            TextSource::Conversation => {
+                let mut texts: Vec<String> = doc.get("system").and_then(content_text).into_iter().collect();
+                texts.extend(
+                    messages
+                        .iter()
+                        .filter(|m| matches!(role(m).as_str(), "user" | "system" | "developer"))
+                        .filter_map(|m| m.get("content").and_then(content_text)),
+                );
+                (!texts.is_empty()).then(|| texts.join("\n"))
+            }
+        };
+    }
+    doc.get("input")
+        .or_else(|| doc.get("prompt"))
+        .and_then(|v| content_text(v).or_else(|| v.as_array()?.first().and_then(content_text)))
+}
+
+impl SemanticRouter {
+    /// The best route and its score, or None below every threshold; the best score either way.
+    fn classify(&self, text: &str) -> (Option<&Route>, f32) {
+        let mut query = self.model.embed(text);
+        normalize(&mut query);
+        let mut best: Option<(&Route, f32)> = None;
+        let mut best_score = f32::MIN;
+        for route in &self.routes {
+            let score = route
+                .centroids
+                .iter()
+                .map(|c| cosine(&query, c))
+                .fold(f32::MIN, f32::max);
+            best_score = best_score.max(score);
+            if score >= route.threshold && best.map_or(true, |(_, s)| score > s) {
+                best = Some((route, score));
+            }
+        }
+        (best.map(|(route, _)| route), best.map_or(best_score, |(_, s)| s))
+    }
+}
+
+impl Plugin for SemanticRouter {
+    fn request_need(&self) -> PhaseNeed {
+        PhaseNeed::Body
+    }
+
+    fn on_request(&self, ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
+        // The route header is the gateway's: never the client's.
+        ctx.remove_header(&self.route_header);
+        let doc = ctx
+            .body()
+            .doc()
+            .map_err(|err| PluginError::bad_request("invalid_json", err.to_string()))?;
+        let asked = doc.get("model").and_then(Value::as_str).unwrap_or_default().to_string();
+        if !self.triggers.contains(&asked) {
+            ctx.increment(self.not_triggered);
+            return Ok(Decision::Continue);
+        }
+        let text = request_text(doc, self.text);
+        let (route, score) = match text.as_deref().filter(|t| !t.trim().is_empty()) {
+            Some(text) => self.classify(text),
+            None => {
+                ctx.increment(self.no_text);
+                (None, 0.0)
+            }
+        };
+        let (name, model) = match route {
+            Some(route) => {
+                ctx.increment(route.routed);
+                (route.name.as_str(), route.model.as_str())
+            }
+            None => {
+                ctx.increment(self.defaulted);
+                ("default", self.default_model.as_str())
+            }
+        };
+        ctx.body()
+            .set(&self.model_field, Value::String(model.to_string()))
+            .map_err(|err| PluginError::bad_request("invalid_json", err.to_string()))?;
+        ctx.set_header(&self.header_name, model)?;
+        ctx.set_header(&self.route_header, name)?;
+        ctx.set_metadata(&self.namespace, "route", name);
+        ctx.set_metadata_number(&self.namespace, "score", f64::from(score));
+        Ok(Decision::Continue)
+    }
+}
