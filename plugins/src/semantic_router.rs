@@ -321,7 +321,12 @@ impl Plugin for SemanticRouter {
             .map_err(|err| PluginError::bad_request("invalid_json", err.to_string()))?;
         let asked = doc.get("model").and_then(Value::as_str).unwrap_or_default().to_string();
         if !self.triggers.contains(&asked) {
+            // Not ours to choose: the routing header still carries the model asked for, so
+            // the chain needs no separate body-field-to-header for these requests.
             ctx.increment(self.not_triggered);
+            if !asked.is_empty() {
+                ctx.set_header(&self.header_name, &asked)?;
+            }
             return Ok(Decision::Continue);
         }
         let text = request_text(doc, self.text);
@@ -350,5 +355,85 @@ impl Plugin for SemanticRouter {
         ctx.set_metadata(&self.namespace, "route", name);
         ctx.set_metadata_number(&self.namespace, "score", f64::from(score));
         Ok(Decision::Continue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::embedding::tests::model_files;
+    use crate::testing::run_request;
+    use payload_processor_core::{Chain, Direction};
+    use serde_json::json;
+
+    fn chain(extra: &str) -> String {
+        let (weights, tokenizer) = model_files();
+        format!(
+            "processors: [{{name: router, type: semantic-router, parameters: {{embedding: {{weights: '{weights}', \
+             tokenizer: '{tokenizer}'}}, defaultModel: general, threshold: 0.9, routes: [\
+             {{name: alpha, model: alpha-model, utterances: [a, aa]}}, \
+             {{name: gamma, model: gamma-model, utterances: [[c], [cc c]]}}]{extra}}}}}]"
+        )
+    }
+
+    fn ask(chain_text: &str, model: &str, content: &str) -> (Option<String>, Option<String>, serde_json::Value) {
+        let body = json!({"model": model, "messages": [{"role": "user", "content": "ignored"},
+                          {"role": "assistant", "content": "c c c"}, {"role": "user", "content": content}]});
+        let (host, _) = run_request(chain_text, &[("x-semantic-route", "spoofed")], &body);
+        let header = |name: &str| host.header_values(Direction::Request, name).pop();
+        (
+            header("x-semantic-route"),
+            header("x-gateway-model-name"),
+            host.request_json(),
+        )
+    }
+
+    #[test]
+    fn routes_the_last_user_message_by_its_best_group() {
+        let text = chain("");
+        let (route, model, body) = ask(&text, "auto", "a a a");
+        assert_eq!(
+            (route.as_deref(), model.as_deref()),
+            (Some("alpha"), Some("alpha-model"))
+        );
+        assert_eq!(body["model"], "alpha-model");
+        let (route, _, body) = ask(&text, "auto", "c");
+        assert_eq!(route.as_deref(), Some("gamma"));
+        assert_eq!(body["model"], "gamma-model");
+        // Below every threshold (a and c mixed): the default, and the client's header replaced.
+        let (route, model, body) = ask(&text, "auto", "a c");
+        assert_eq!((route.as_deref(), model.as_deref()), (Some("default"), Some("general")));
+        assert_eq!(body["model"], "general");
+    }
+
+    #[test]
+    fn other_models_pass_with_their_routing_header() {
+        let (route, model, body) = ask(&chain(""), "gpt-4o", "a a");
+        assert_eq!(route, None, "the spoofed route header is removed");
+        assert_eq!(model.as_deref(), Some("gpt-4o"));
+        assert_eq!(body["model"], "gpt-4o");
+    }
+
+    #[test]
+    fn bad_parameters_are_refused_with_paths() {
+        let registry = crate::builtin_registry();
+        for (extra, expected) in [
+            (
+                ", threshold: 2",
+                "processors[0].parameters.threshold: a cosine similarity between -1 and 1",
+            ),
+            (", headerName: 'bad header'", "processors[0].parameters.headerName"),
+        ] {
+            let err = Chain::load(&chain(extra), &registry).unwrap_err().to_string();
+            assert!(err.starts_with(expected), "{err}");
+        }
+        let missing =
+            "processors: [{name: r, type: semantic-router, parameters: {embedding: {weights: /nonexistent/w, \
+                       tokenizer: /nonexistent/t}, defaultModel: d, routes: [{name: x, model: y, utterances: [z]}]}}]";
+        model_files();
+        let err = Chain::load(missing, &registry).unwrap_err().to_string();
+        assert!(
+            err.starts_with("processors[0].parameters.embedding.weights: cannot read"),
+            "{err}"
+        );
     }
 }

@@ -12,7 +12,7 @@ import subprocess
 import pytest
 import yaml
 
-from harness import DIST, ROOT
+from harness import DIST, ROOT, wordllama_files
 
 CLI = DIST / "payload-processor"
 DOCS = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]
@@ -64,7 +64,17 @@ def test_docs_yaml_example_loads(path, block, tmp_path):
             continue  # an Envoy or Kubernetes snippet: parsing it was the check
         chain = tmp_path / "chain.json"
         chain.write_text(json.dumps(document))
-        out = subprocess.run([CLI, "validate", chain], capture_output=True, text=True, cwd=ROOT)
+        # Examples name model files under models/, relative to the working directory, as a
+        # deployment would lay them out; here they come from the installed wordllama wheel.
+        models = tmp_path / "models"
+        models.mkdir(exist_ok=True)
+        for model_file in wordllama_files():
+            if not (models / model_file.name).exists():
+                (models / model_file.name).symlink_to(model_file)
+        (tmp_path / "target").mkdir(exist_ok=True)
+        if not (tmp_path / "target" / "injection").exists():
+            (tmp_path / "target" / "injection").symlink_to(ROOT / "target" / "injection")
+        out = subprocess.run([CLI, "validate", chain], capture_output=True, text=True, cwd=tmp_path)
         assert out.returncode == 0, f"{path}: {out.stderr}"
         assert "deprecated" not in out.stderr, f"{path}: examples use the current spelling: {out.stderr}"
 

@@ -217,9 +217,34 @@ pub fn shared_model(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
+
+    /// Writes a tiny model's two files under the target directory and installs a file reader;
+    /// returns (weights, tokenizer) paths. Token rows: `a` points one way, `c` another.
+    pub(crate) fn model_files() -> (String, String) {
+        let dir = std::env::temp_dir().join(format!("payload-processor-model-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let weights = dir.join("model.safetensors");
+        let tokenizer = dir.join("tokenizer.json");
+        let rows = 400;
+        let dim = 4;
+        let mut data = vec![0f32; rows * dim];
+        for (id, axis) in [(2usize, 0usize), (5, 0), (7, 1), (4, 2), (1, 3)] {
+            data[id * dim + axis] = 1.0; // a, ▁a -> x; ▁ab -> y; c -> z; ▁ -> w
+        }
+        let bytes: Vec<u8> = data.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect();
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F16, vec![rows, dim], &bytes).unwrap();
+        std::fs::write(
+            &weights,
+            safetensors::tensor::serialize([("embedding.weight", view)], None).unwrap(),
+        )
+        .unwrap();
+        std::fs::write(&tokenizer, tokenizer_json()).unwrap();
+        payload_processor_core::set_file_reader(|path| std::fs::read(path).map_err(|err| format!("{path}: {err}")));
+        (weights.display().to_string(), tokenizer.display().to_string())
+    }
 
     /// A Llama-style BPE over a tiny vocabulary: metaspace words, byte fallback for the rest.
     fn tokenizer_json() -> Vec<u8> {
