@@ -6,13 +6,15 @@
 
 use crate::common::validate_header_name;
 use crate::embedding::{cosine, normalize, shared_model, ModelError, StaticModel};
+use payload_processor_core::{Background, BackgroundContext, CalloutError, CalloutRequest, CalloutResponse};
 use payload_processor_core::{
     BuildContext, ConfigError, Context, Counter, Decision, FieldPath, PhaseNeed, Plugin, PluginError,
 };
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::Value;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 /// Registry key.
 pub const TYPE_NAME: &str = "semantic-router";
@@ -48,14 +50,24 @@ pub struct Config {
     pub metadata_namespace: String,
 }
 
-/// Where the model's files are.
+/// Where the model's files are: files the `.so` reads at config load, or, with `cluster`,
+/// paths fetched with GET through that Envoy cluster after the configuration loaded (both
+/// forms; the only way for the `.wasm`, which has no file system).
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EmbeddingConfig {
-    /// The safetensors table (the `.so` reads it at config load).
+    /// The safetensors table: a file, or a path on `cluster`.
     pub weights: String,
-    /// The model's `tokenizer.json`.
+    /// The model's `tokenizer.json`: a file, or a path on `cluster`.
     pub tokenizer: String,
+    /// An Envoy cluster serving both files.
+    pub cluster: Option<String>,
+    /// `:authority` of the fetches (default the cluster name).
+    pub authority: Option<String>,
+    /// How long one fetch may take (default 30s).
+    #[serde(default, deserialize_with = "payload_processor_core::config::deserialize_duration")]
+    #[schemars(with = "Option<String>")]
+    pub fetch_timeout: Option<std::time::Duration>,
 }
 
 /// One route.
@@ -122,11 +134,51 @@ struct Route {
     routed: Counter,
 }
 
+/// A route before the model is there: its example groups.
+#[derive(Debug)]
+struct RouteSpec {
+    name: String,
+    model: String,
+    threshold: f32,
+    groups: Vec<Vec<String>>,
+    routed: Counter,
+}
+
+/// The model and the routes' centroids computed with it.
+#[derive(Debug)]
+struct Loaded {
+    model: Arc<StaticModel>,
+    routes: Vec<Route>,
+}
+
+/// Fetching the model through a cluster.
+#[derive(Debug)]
+struct Fetch {
+    cluster: String,
+    authority: String,
+    weights: String,
+    tokenizer: String,
+    timeout: std::time::Duration,
+    state: Mutex<FetchState>,
+    loaded: Counter,
+    failed: Counter,
+}
+
+#[derive(Debug, Default)]
+struct FetchState {
+    started: Option<u64>,
+    next_try: u64,
+    weights: Option<Vec<u8>>,
+    tokenizer: Option<Vec<u8>>,
+}
+
 /// The plugin.
 #[derive(Debug)]
 pub struct SemanticRouter {
-    model: Arc<StaticModel>,
-    routes: Vec<Route>,
+    name: String,
+    loaded: OnceLock<Loaded>,
+    specs: Vec<RouteSpec>,
+    fetch: Option<Fetch>,
     default_model: String,
     triggers: Vec<String>,
     route_header: String,
@@ -172,11 +224,10 @@ pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugi
     if !(-1.0..=1.0).contains(&config.threshold) {
         return Err(ConfigError::new("threshold", "a cosine similarity between -1 and 1"));
     }
-    let model = load_model(&config.embedding, ctx)?;
-    let mut routes = Vec::with_capacity(config.routes.len());
+    let mut specs = Vec::with_capacity(config.routes.len());
     for (i, route) in config.routes.iter().enumerate() {
         let at = |field: &str| format!("routes[{i}].{field}");
-        if routes.iter().any(|r: &Route| r.name == route.name) {
+        if specs.iter().any(|r: &RouteSpec| r.name == route.name) {
             return Err(ConfigError::new(
                 at("name"),
                 format!("duplicate route name {:?}", route.name),
@@ -190,42 +241,50 @@ pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugi
                 ));
             }
         }
-        let groups: Vec<&[String]> = match &route.utterances {
-            Utterances::One(group) => vec![group.as_slice()],
-            Utterances::Groups(groups) => groups.iter().map(Vec::as_slice).collect(),
+        let groups: Vec<Vec<String>> = match &route.utterances {
+            Utterances::One(group) => vec![group.clone()],
+            Utterances::Groups(groups) => groups.clone(),
         };
-        let mut centroids = Vec::with_capacity(groups.len());
-        for (g, group) in groups.iter().enumerate() {
-            if group.is_empty() {
-                return Err(ConfigError::new(at(&format!("utterances[{g}]")), "an empty group"));
-            }
-            // The mean of the unit-length utterance vectors, itself made unit length.
-            let mut centroid = vec![0f32; model.dim()];
-            for utterance in group.iter() {
-                let mut v = model.embed(utterance);
-                normalize(&mut v);
-                centroid.iter_mut().zip(&v).for_each(|(c, x)| *c += x);
-            }
-            normalize(&mut centroid);
-            if centroid.iter().all(|x| *x == 0.0) {
-                return Err(ConfigError::new(
-                    at(&format!("utterances[{g}]")),
-                    "no utterance has a token the model knows",
-                ));
-            }
-            centroids.push(centroid);
+        if let Some(g) = groups.iter().position(Vec::is_empty) {
+            return Err(ConfigError::new(at(&format!("utterances[{g}]")), "an empty group"));
         }
-        routes.push(Route {
+        specs.push(RouteSpec {
             name: route.name.clone(),
             model: route.model.clone(),
             threshold: route.threshold.unwrap_or(config.threshold),
-            centroids,
+            groups,
             routed: ctx.counter(&format!("route.{}", route.name)),
         });
     }
+    let loaded = OnceLock::new();
+    let fetch = match &config.embedding.cluster {
+        None => {
+            let model = load_model(&config.embedding, ctx)?;
+            let routes = centroids(&model, &specs).map_err(|(path, message)| ConfigError::new(path, message))?;
+            let _ = loaded.set(Loaded { model, routes });
+            None
+        }
+        Some(cluster) => {
+            if cluster.trim().is_empty() {
+                return Err(ConfigError::new("embedding.cluster", "must not be empty"));
+            }
+            Some(Fetch {
+                cluster: cluster.clone(),
+                authority: config.embedding.authority.clone().unwrap_or_else(|| cluster.clone()),
+                weights: config.embedding.weights.clone(),
+                tokenizer: config.embedding.tokenizer.clone(),
+                timeout: config.embedding.fetch_timeout.unwrap_or(Duration::from_secs(30)),
+                state: Mutex::new(FetchState::default()),
+                loaded: ctx.counter("model_loaded"),
+                failed: ctx.counter("model_fetch_failed"),
+            })
+        }
+    };
     Ok(Arc::new(SemanticRouter {
-        model,
-        routes,
+        name: ctx.processor_name().to_string(),
+        loaded,
+        specs,
+        fetch,
         default_model: config.default_model,
         triggers: config.trigger_models,
         route_header: config.route_header.to_ascii_lowercase(),
@@ -237,6 +296,39 @@ pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugi
         not_triggered: ctx.counter("not_triggered"),
         no_text: ctx.counter("no_text"),
     }))
+}
+
+/// Each route's group centroids: the mean of the unit-length utterance vectors, itself made
+/// unit length. Errors name the parameter.
+fn centroids(model: &StaticModel, specs: &[RouteSpec]) -> Result<Vec<Route>, (String, String)> {
+    let mut routes = Vec::with_capacity(specs.len());
+    for (i, spec) in specs.iter().enumerate() {
+        let mut centroids = Vec::with_capacity(spec.groups.len());
+        for (g, group) in spec.groups.iter().enumerate() {
+            let mut centroid = vec![0f32; model.dim()];
+            for utterance in group {
+                let mut v = model.embed(utterance);
+                normalize(&mut v);
+                centroid.iter_mut().zip(&v).for_each(|(c, x)| *c += x);
+            }
+            normalize(&mut centroid);
+            if centroid.iter().all(|x| *x == 0.0) {
+                return Err((
+                    format!("routes[{i}].utterances[{g}]"),
+                    "no utterance has a token the model knows".into(),
+                ));
+            }
+            centroids.push(centroid);
+        }
+        routes.push(Route {
+            name: spec.name.clone(),
+            model: spec.model.clone(),
+            threshold: spec.threshold,
+            centroids,
+            routed: spec.routed,
+        });
+    }
+    Ok(routes)
 }
 
 /// The text of a message's `content`: a string, or the text parts of a list.
@@ -287,12 +379,12 @@ fn request_text(doc: &Value, source: TextSource) -> Option<String> {
 
 impl SemanticRouter {
     /// The best route and its score, or None below every threshold; the best score either way.
-    fn classify(&self, text: &str) -> (Option<&Route>, f32) {
-        let mut query = self.model.embed(text);
+    fn classify<'a>(&self, loaded: &'a Loaded, text: &str) -> (Option<&'a Route>, f32) {
+        let mut query = loaded.model.embed(text);
         normalize(&mut query);
         let mut best: Option<(&Route, f32)> = None;
         let mut best_score = f32::MIN;
-        for route in &self.routes {
+        for route in &loaded.routes {
             let score = route
                 .centroids
                 .iter()
@@ -310,6 +402,10 @@ impl SemanticRouter {
 impl Plugin for SemanticRouter {
     fn request_need(&self) -> PhaseNeed {
         PhaseNeed::Body
+    }
+
+    fn background(&self) -> Option<&dyn Background> {
+        self.fetch.as_ref().map(|_| self as &dyn Background)
     }
 
     fn on_request(&self, ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
@@ -330,8 +426,15 @@ impl Plugin for SemanticRouter {
             return Ok(Decision::Continue);
         }
         let text = request_text(doc, self.text);
+        let Some(loaded) = self.loaded.get() else {
+            return Err(PluginError {
+                status: Some(503),
+                code: "model_loading".into(),
+                message: format!("processor {}: the embedding model is not loaded yet", self.name),
+            });
+        };
         let (route, score) = match text.as_deref().filter(|t| !t.trim().is_empty()) {
-            Some(text) => self.classify(text),
+            Some(text) => self.classify(loaded, text),
             None => {
                 ctx.increment(self.no_text);
                 (None, 0.0)
@@ -355,6 +458,143 @@ impl Plugin for SemanticRouter {
         ctx.set_metadata(&self.namespace, "route", name);
         ctx.set_metadata_number(&self.namespace, "score", f64::from(score));
         Ok(Decision::Continue)
+    }
+}
+
+/// Callout tags of the two files.
+const WEIGHTS: u64 = 0;
+const TOKENIZER: u64 = 1;
+
+impl Background for SemanticRouter {
+    fn tick_interval(&self) -> Duration {
+        Duration::from_millis(200)
+    }
+
+    fn on_tick(&self, ctx: &mut BackgroundContext<'_>) {
+        let Some(fetch) = &self.fetch else { return };
+        if self.loaded.get().is_some() {
+            return;
+        }
+        let now = ctx.now_nanos();
+        let timeout = u64::try_from(fetch.timeout.as_nanos()).unwrap_or(u64::MAX);
+        {
+            let mut state = fetch.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            // A fetch in flight blocks the next, unless the proxy lost it.
+            let busy = state
+                .started
+                .is_some_and(|started| now.saturating_sub(started) < timeout.saturating_mul(2));
+            if busy || now < state.next_try {
+                return;
+            }
+            *state = FetchState {
+                started: Some(now),
+                ..FetchState::default()
+            };
+        }
+        for (path, tag) in [(&fetch.weights, WEIGHTS), (&fetch.tokenizer, TOKENIZER)] {
+            let request = CalloutRequest {
+                cluster: fetch.cluster.clone(),
+                method: "GET".into(),
+                path: path.clone(),
+                authority: fetch.authority.clone(),
+                headers: Vec::new(),
+                body: Vec::new(),
+                timeout: fetch.timeout,
+            };
+            if let Err(err) = ctx.send(&request, tag) {
+                self.fetch_failed(
+                    ctx,
+                    now,
+                    &format!("cannot fetch {path} from cluster {}: {err}", fetch.cluster),
+                );
+                return;
+            }
+        }
+    }
+
+    fn on_callout_done(
+        &self,
+        ctx: &mut BackgroundContext<'_>,
+        tag: u64,
+        result: Result<CalloutResponse, CalloutError>,
+    ) {
+        let Some(fetch) = &self.fetch else { return };
+        let now = ctx.now_nanos();
+        let path = if tag == WEIGHTS {
+            &fetch.weights
+        } else {
+            &fetch.tokenizer
+        };
+        let body = match result {
+            Ok(response) if response.status == 200 => response.body,
+            Ok(response) => {
+                let reason = format!("GET {path} from cluster {} answered {}", fetch.cluster, response.status);
+                return self.fetch_failed(ctx, now, &reason);
+            }
+            Err(err) => {
+                let reason = format!("GET {path} from cluster {} failed: {err}", fetch.cluster);
+                return self.fetch_failed(ctx, now, &reason);
+            }
+        };
+        let files = {
+            let mut state = fetch.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if state.started.is_none() {
+                return; // a failed attempt's late answer
+            }
+            if tag == WEIGHTS {
+                state.weights = Some(body);
+            } else {
+                state.tokenizer = Some(body);
+            }
+            match (&state.weights, &state.tokenizer) {
+                (Some(_), Some(_)) => {
+                    state.started = None;
+                    Some((
+                        state.weights.take().unwrap_or_default(),
+                        state.tokenizer.take().unwrap_or_default(),
+                    ))
+                }
+                _ => None,
+            }
+        };
+        let Some((weights, tokenizer)) = files else { return };
+        let loaded = StaticModel::load(&weights, &tokenizer)
+            .map_err(|err| format!("{err:?}"))
+            .and_then(|model| {
+                let routes = centroids(&model, &self.specs).map_err(|(path, message)| format!("{path}: {message}"))?;
+                Ok(Loaded {
+                    model: Arc::new(model),
+                    routes,
+                })
+            });
+        match loaded {
+            Ok(loaded) => {
+                log::info!(
+                    "semantic-router {}: model loaded from cluster {} ({:.1} MB table)",
+                    self.name,
+                    fetch.cluster,
+                    loaded.model.table_bytes() as f64 / 1e6
+                );
+                let _ = self.loaded.set(loaded);
+                ctx.increment(fetch.loaded);
+            }
+            Err(reason) => self.fetch_failed(ctx, now, &format!("the fetched model does not load: {reason}")),
+        }
+    }
+}
+
+impl SemanticRouter {
+    /// Logs why, counts it, and tries again a little later: requests meanwhile get 503
+    /// `model_loading` (or pass unrouted under FailOpen), never wait.
+    fn fetch_failed(&self, ctx: &mut BackgroundContext<'_>, now: u64, reason: &str) {
+        let Some(fetch) = &self.fetch else { return };
+        log::error!("semantic-router {}: {reason}; retrying in 2s", self.name);
+        ctx.increment(fetch.failed);
+        let mut state = fetch.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *state = FetchState {
+            next_try: now.saturating_add(2_000_000_000),
+            ..FetchState::default()
+        };
     }
 }
 

@@ -82,3 +82,69 @@ def test_five_routes_answer_the_openai_client_from_the_right_upstream(form, serv
     assert stats["payload_processor.processor.router.route.math"] == 1
     assert stats["payload_processor.processor.router.route.default"] == 1
     assert stats["payload_processor.processor.router.not_triggered"] == 1
+
+
+class ModelFileServer:
+    """Serves the model's two files over HTTP, as a model store or an Envoy-internal file route would."""
+
+    def __init__(self):
+        import tempfile
+        import threading
+        from functools import partial
+        from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+        from pathlib import Path
+
+        self.directory = Path(tempfile.mkdtemp(prefix="models-"))
+        for path in wordllama_files():
+            (self.directory / path.name).symlink_to(path)
+        handler = partial(SimpleHTTPRequestHandler, directory=str(self.directory))
+        handler.log_message = lambda *a: None
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_model_fetched_through_a_cluster_routes_in_both_forms(form, servers, start_envoy):
+    """The route for the .wasm (and an option for the .so): the files come through an Envoy
+    cluster after the configuration loaded. Until they are in, requests get 503
+    `model_loading` (never a wait); then the router routes as with files."""
+    import time
+
+    files = ModelFileServer()
+    try:
+        weights, tokenizer = wordllama_files()
+        routes = [{"name": name, "model": f"{name}-model", "utterances": utterances}
+                  for name, utterances in ROUTES.items()]
+        chain_text = json.dumps({"processors": [{"name": "router", "type": "semantic-router", "parameters": {
+            "embedding": {"weights": f"/{weights.name}", "tokenizer": f"/{tokenizer.name}", "cluster": "models"},
+            "defaultModel": "general-model", "threshold": 0.3, "routes": routes}}]})
+        config = bootstrap([processor_filter(form, chain_text)],
+                           model_routes({f"{name}-model": name for name in ROUTES}, "default"),
+                           [cluster(name, server.port) for name, server in servers.items()]
+                           + [cluster("models", files.port)])
+        envoy = start_envoy(config)
+        client = openai.OpenAI(base_url=envoy.url("/v1"), api_key="test", max_retries=0, timeout=10)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                raw = client.chat.completions.with_raw_response.create(
+                    model="auto", messages=[{"role": "user", "content": ASKED[3][0]}])
+                break
+            except openai.APIStatusError as err:
+                assert err.status_code == 503 and "model_loading" in err.response.text, err.response.text
+                assert time.monotonic() < deadline, "the model never loaded"
+                time.sleep(0.2)
+        assert raw.http_response.json()["backend"] == "cooking"
+        for prompt, route in ASKED:
+            raw = client.chat.completions.with_raw_response.create(
+                model="auto", messages=[{"role": "user", "content": prompt}])
+            assert raw.http_response.json()["backend"] == route, prompt
+        stats = envoy.stats("processor.router")
+        assert stats["payload_processor.processor.router.model_loaded"] >= 1
+        assert stats["payload_processor.processor.router.model_fetch_failed"] == 0
+    finally:
+        files.stop()
