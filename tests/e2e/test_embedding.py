@@ -11,7 +11,8 @@ import pytest
 
 from harness import ROOT, wordllama_files
 
-EMBED = ROOT / "target" / "release" / "examples" / "embed"
+# Built by `cargo test` (examples are compiled with the tests); debug speed is plenty here.
+EMBED = ROOT / "target" / "debug" / "examples" / "embed"
 
 WORDS = {
     "en": "the quick brown fox jumps over lazy dog weather tomorrow book flight Boston Denver transfer money "
