@@ -1,6 +1,7 @@
 """Bad configurations are refused by Envoy at load, with a path-qualified message in its log;
 the offline CLI refuses them with the same message."""
 import subprocess
+import time
 
 import pytest
 
@@ -89,9 +90,15 @@ def test_old_spellings_load_with_a_deprecation_warning_in_envoys_log(form, tmp_p
     envoy = Envoy(config)
     try:
         envoy.wait_ready()
+        wanted = [f'configuration value "{old}" is a deprecated spelling; write "{new}"'
+                  for old, new in (("credit_card", "CreditCard"), ("prompt-injection", "PromptInjection"))]
+        # Envoy flushes its log file on its own schedule: give it a few seconds.
+        deadline = time.monotonic() + 10
+        while not all(w in envoy.log() for w in wanted) and time.monotonic() < deadline:
+            time.sleep(0.2)
         log = envoy.log()
-        for old, new in (("credit_card", "CreditCard"), ("prompt-injection", "PromptInjection")):
-            assert f'configuration value "{old}" is a deprecated spelling; write "{new}"' in log, log[-3000:]
+        for w in wanted:
+            assert w in log, log[-3000:]
     finally:
         envoy.stop()
     code, _, stderr = cli_validate("so", text, tmp_path)

@@ -393,7 +393,7 @@ def test_envoys_ai_token_usage_record_and_opentelemetry_keys(start_envoy, form, 
                                         stream_options={"include_usage": True}))
     streamed = model.requests[-1]["usage"]
     lines = read_access_log(log, 2)
-    for line, usage in zip(lines, (buffered, streamed)):
+    for kind, line, usage in zip(("buffered", "streamed"), lines, (buffered, streamed)):
         assert float(line["gen_ai.usage.input_tokens"]) == usage["input"], line
         assert float(line["gen_ai.usage.output_tokens"]) == usage["output"], line
         assert line["gen_ai.response.model"] == "m-1", line
@@ -407,7 +407,7 @@ def test_envoys_ai_token_usage_record_and_opentelemetry_keys(start_envoy, form, 
             "total_tokens": usage["input"] + usage["output"],
             "provider_total_tokens": usage["input"] + usage["output"],
             "input_token_details": {"cached_tokens": usage["cached"]},
-            "extraction_status": "COMPLETE"}, line
+            "extraction_status": "COMPLETE"}, (kind, line, envoy.log()[-2000:])
         assert str(line["typed_input_tokens"]) == str(usage["input"]), line
         assert 'llm_protocol: OPENAI_CHAT_COMPLETIONS' in line["typed"], line
         assert f'output_tokens {{ value: {usage["output"]} }}' in line["typed"], line
