@@ -42,28 +42,8 @@ enum Command {
     Run {
         /// The chain configuration file.
         chain: PathBuf,
-        /// The request body (JSON) file.
-        #[arg(long)]
-        request: PathBuf,
-        /// The request path.
-        #[arg(long, default_value = "/v1/chat/completions")]
-        path: String,
-        /// The request method.
-        #[arg(long, default_value = "POST")]
-        method: String,
-        /// A request header as `name:value` (repeatable); `content-type: application/json` is
-        /// sent unless given.
-        #[arg(long = "header", value_name = "NAME:VALUE")]
-        headers: Vec<String>,
-        /// A buffered JSON response body from the upstream (status 200).
-        #[arg(long, conflicts_with = "sse")]
-        response: Option<PathBuf>,
-        /// A streamed `text/event-stream` response from the upstream, fed event by event.
-        #[arg(long)]
-        sse: Option<PathBuf>,
-        /// Print one JSON document instead of text.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        options: run::Options,
         /// The form the chain will run in (see `validate`).
         #[arg(long, value_enum, default_value_t = Form::So)]
         form: Form,
@@ -97,27 +77,8 @@ fn main() -> ExitCode {
 fn execute(command: Command) -> Result<(), String> {
     match command {
         Command::Validate { chain, form } => validate(&chain, form),
-        Command::Run {
-            chain,
-            request,
-            path,
-            method,
-            headers,
-            response,
-            sse,
-            json,
-            form,
-        } => {
+        Command::Run { chain, options, form } => {
             let loaded = load(&chain, form)?;
-            let options = run::Options {
-                request,
-                path,
-                method,
-                headers,
-                response,
-                sse,
-                json,
-            };
             options.run(loaded, &chain)
         }
         Command::Schema => {

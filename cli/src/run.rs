@@ -11,15 +11,31 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-/// What to send through the chain.
+/// What to send through the chain (the `run` command's options).
+#[derive(clap::Args, Debug)]
 pub(crate) struct Options {
-    pub(crate) request: PathBuf,
-    pub(crate) path: String,
-    pub(crate) method: String,
-    pub(crate) headers: Vec<String>,
-    pub(crate) response: Option<PathBuf>,
-    pub(crate) sse: Option<PathBuf>,
-    pub(crate) json: bool,
+    /// The request body (JSON) file.
+    #[arg(long)]
+    request: PathBuf,
+    /// The request path.
+    #[arg(long, default_value = "/v1/chat/completions")]
+    path: String,
+    /// The request method.
+    #[arg(long, default_value = "POST")]
+    method: String,
+    /// A request header as `name:value` (repeatable); `content-type: application/json` is
+    /// sent unless given.
+    #[arg(long = "header", value_name = "NAME:VALUE")]
+    headers: Vec<String>,
+    /// A buffered JSON response body from the upstream (status 200).
+    #[arg(long, conflicts_with = "sse")]
+    response: Option<PathBuf>,
+    /// A streamed `text/event-stream` response from the upstream, fed event by event.
+    #[arg(long)]
+    sse: Option<PathBuf>,
+    /// Print one JSON document instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 /// What one processor invocation did.
