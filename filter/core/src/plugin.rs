@@ -7,6 +7,7 @@ use crate::metrics::{Counter, Gauge};
 use crate::sse::SseEvent;
 use serde_json::json;
 use std::any::Any;
+use std::rc::Rc;
 
 /// How much of one direction of the exchange a plugin needs to see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -205,6 +206,8 @@ pub struct Context<'a> {
     pub(crate) counters: &'a [MetricId],
     pub(crate) gauges: &'a [MetricId],
     pub(crate) state: &'a mut Option<Box<dyn Any>>,
+    pub(crate) derived: &'a mut DerivedValues,
+    pub(crate) response_redacted: &'a mut bool,
     pub(crate) started_nanos: u64,
     /// True when the headers of this direction already went out (later events of a stream).
     pub(crate) headers_sent: bool,
@@ -329,6 +332,35 @@ impl Context<'_> {
             .expect("state of type T was just ensured")
     }
 
+    /// A value derived from this request under `key` by an earlier processor (a prompt
+    /// embedding), if one was kept with [`Context::keep_derived`] and has type `T`.
+    pub fn derived<T: 'static>(&self, key: u64) -> Option<Rc<T>> {
+        self.derived.get(key)
+    }
+
+    /// Keeps a value derived from this request for the processors after this one, so that
+    /// an expensive value (a prompt embedding) is computed once per request, whoever asks.
+    /// Keys are chosen by the plugins that share the value (the embedding component hashes
+    /// its model and text).
+    pub fn keep_derived<T: 'static>(&mut self, key: u64, value: Rc<T>) {
+        self.derived.keep(key, value);
+    }
+
+    /// Records that this processor withheld or replaced content of the answer (a guard
+    /// masked it), so that later processors can tell what the client received is not what
+    /// the upstream said: a response cache does not store such an answer. No effect on the
+    /// request, whose processors after this one see the changed request anyway.
+    pub fn mark_redacted(&mut self) {
+        if self.direction == Direction::Response {
+            *self.response_redacted = true;
+        }
+    }
+
+    /// Whether an earlier processor marked the answer redacted ([`Context::mark_redacted`]).
+    pub fn response_redacted(&self) -> bool {
+        *self.response_redacted
+    }
+
     /// The host's clock, in nanoseconds.
     pub fn now_nanos(&self) -> u64 {
         self.host.now_nanos()
@@ -379,5 +411,24 @@ impl Context<'_> {
     /// dynamic metadata such clusters read (see [`Host::set_original_destination`]).
     pub fn set_original_destination(&mut self, endpoint: &str) {
         self.host.set_original_destination(endpoint);
+    }
+}
+
+/// Values derived from one request that processors share ([`Context::derived`]): few per
+/// request, so a list.
+#[derive(Default)]
+pub(crate) struct DerivedValues(Vec<(u64, Rc<dyn Any>)>);
+
+impl DerivedValues {
+    fn get<T: 'static>(&self, key: u64) -> Option<Rc<T>> {
+        self.0
+            .iter()
+            .find(|(k, _)| *k == key)
+            .and_then(|(_, value)| Rc::clone(value).downcast::<T>().ok())
+    }
+
+    fn keep<T: 'static>(&mut self, key: u64, value: Rc<T>) {
+        self.0.retain(|(k, _)| *k != key);
+        self.0.push((key, value));
     }
 }

@@ -45,6 +45,22 @@ impl Probe {
                 ctx.body().set(&FieldPath::parse("$.added").unwrap(), json!(1)).unwrap();
                 Ok(Decision::Continue)
             }
+            "derive" => {
+                // Counts how many processors before this one derived the shared value.
+                let seen = ctx.derived::<u32>(7).map_or(0, |value| *value);
+                ctx.set_header("x-derived", &seen.to_string())?;
+                ctx.keep_derived(7, std::rc::Rc::new(seen + 1));
+                Ok(Decision::Continue)
+            }
+            "redact" => {
+                ctx.mark_redacted();
+                Ok(Decision::Continue)
+            }
+            "redacted?" => {
+                let redacted = ctx.response_redacted();
+                ctx.set_header("x-redacted", &redacted.to_string())?;
+                Ok(Decision::Continue)
+            }
             other => panic!("unknown behaviour {other}"),
         }
     }
@@ -251,6 +267,40 @@ fn response_chain_runs_at_end_of_response_body() {
         vec!["identity"],
         "a response reader asks the upstream for plain text"
     );
+}
+
+#[test]
+fn derived_values_are_shared_with_later_processors_of_the_same_request_only() {
+    let chain = chain(
+        "processors: [{name: a, type: probe, parameters: {request: body, do: derive}}, {name: b, type: probe, parameters: {request: body, do: derive}}]",
+    );
+    let mut host = FakeHost::request("/", &[], b"{}");
+    run_request(&chain, &mut host);
+    assert_eq!(host.header_values(Direction::Request, "x-derived"), vec!["1"]);
+    let mut next = FakeHost::request("/", &[], b"{}");
+    run_request(&chain, &mut next);
+    assert_eq!(next.header_values(Direction::Request, "x-derived"), vec!["1"], "a new request starts empty");
+}
+
+#[test]
+fn a_redacted_answer_is_visible_to_later_response_processors_only() {
+    let answer = |yaml: &str| {
+        let chain = chain(yaml);
+        let mut host = FakeHost::request("/", &[], b"");
+        host.response_headers.push(("content-type".into(), "application/json".into()));
+        host.response_body = br#"{"id":1}"#.to_vec();
+        let mut stream = Stream::new(chain);
+        stream.on_request_headers(&mut host, true);
+        stream.on_response_headers(&mut host, false);
+        stream.on_response_body(&mut host, true);
+        host.header_values(Direction::Response, "x-redacted").join(",")
+    };
+    let redact_then_look = "processors: [{name: r, type: probe, parameters: {response: body, do: redact}}, {name: l, type: probe, parameters: {response: body, do: redacted?}}]";
+    assert_eq!(answer(redact_then_look), "true");
+    let look_then_redact = "processors: [{name: l, type: probe, parameters: {response: body, do: redacted?}}, {name: r, type: probe, parameters: {response: body, do: redact}}]";
+    assert_eq!(answer(look_then_redact), "false");
+    let on_request = "processors: [{name: r, type: probe, parameters: {request: headers, do: redact}}, {name: l, type: probe, parameters: {response: body, do: redacted?}}]";
+    assert_eq!(answer(on_request), "false", "redacting the request does not mark the answer");
 }
 
 #[test]

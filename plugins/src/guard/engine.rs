@@ -592,6 +592,9 @@ impl<D: Detector> Guard<D> {
             Action::Mask => self.counters.masked,
             Action::Report => self.counters.reported,
         });
+        if outcome == Action::Mask {
+            ctx.mark_redacted(); // a response cache must not keep this answer
+        }
         let state = ctx.state::<GuardState>();
         state.found.extend(rules.iter().copied());
         let names = self.names(&state.found);

@@ -144,6 +144,8 @@ impl Stream {
         let deadline_nanos = processor.timeout_nanos.map(|budget| started.saturating_add(budget));
         let started_nanos = self.started_nanos;
         let state = &mut self.states[index];
+        let derived = &mut self.derived;
+        let response_redacted = &mut self.response_redacted;
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             let mut ctx = Context {
                 host: &mut *host,
@@ -154,6 +156,8 @@ impl Stream {
                 counters: &processor.counters,
                 gauges: &processor.gauges,
                 state,
+                derived,
+                response_redacted,
                 started_nanos,
                 headers_sent,
                 emitted,

@@ -6,7 +6,7 @@ use crate::config::FailureMode;
 use crate::event_stream::EventStream;
 use crate::host::{Direction, HeadersHold, Host};
 use crate::json::Body;
-use crate::plugin::{Decision, EventDecision, LocalReply, PhaseNeed, PluginError};
+use crate::plugin::{Decision, DerivedValues, EventDecision, LocalReply, PhaseNeed, PluginError};
 use crate::sse::SseEvent;
 use std::any::Any;
 use std::sync::Arc;
@@ -60,6 +60,10 @@ pub struct Stream {
     pub(super) replied: bool,
     /// Each processor's per-stream state ([`Context::state`]).
     pub(super) states: Vec<Option<Box<dyn Any>>>,
+    /// Values derived from the request that several processors share ([`Context::derived`]).
+    pub(super) derived: DerivedValues,
+    /// A processor withheld or replaced content of the answer ([`Context::mark_redacted`]).
+    pub(super) response_redacted: bool,
     pub(super) started_nanos: u64,
     /// The request path, kept when a streamed response may need it (its protocol); some
     /// hosts cannot read request headers any more once the response arrives.
@@ -159,6 +163,8 @@ impl Stream {
             events: None,
             replied: false,
             states: Vec::new(),
+            derived: DerivedValues::default(),
+            response_redacted: false,
             started_nanos: 0,
             request_path: String::new(),
             request_released: false,
