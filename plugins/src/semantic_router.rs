@@ -5,16 +5,16 @@
 //! The users' reference (a full example, every parameter, behaviour, quality): `docs/plugins/semantic-router.md`.
 
 use crate::common::validate_header_name;
-use crate::embedding::{cosine, normalize, shared_model, ModelError, StaticModel};
-use payload_processor_core::{Background, BackgroundContext, CalloutError, CalloutRequest, CalloutResponse};
+use crate::embedding::{
+    cosine, normalize, request_embedding, request_text, EmbeddingConfig, ModelSource, StaticModel, TextSource,
+};
 use payload_processor_core::{
-    BuildContext, ConfigError, Context, Counter, Decision, FieldPath, PhaseNeed, Plugin, PluginError,
+    Background, BuildContext, ConfigError, Context, Counter, Decision, FieldPath, PhaseNeed, Plugin, PluginError,
 };
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::Value;
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::sync::Arc;
 
 /// Registry key.
 pub const TYPE_NAME: &str = "semantic-router";
@@ -50,26 +50,6 @@ pub struct Config {
     pub metadata_namespace: String,
 }
 
-/// Where the model's files are: files the `.so` reads at config load, or, with `cluster`,
-/// paths fetched with GET through that Envoy cluster after the configuration loaded (both
-/// forms; the only way for the `.wasm`, which has no file system).
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct EmbeddingConfig {
-    /// The safetensors table: a file, or a path on `cluster`.
-    pub weights: String,
-    /// The model's `tokenizer.json`: a file, or a path on `cluster`.
-    pub tokenizer: String,
-    /// An Envoy cluster serving both files.
-    pub cluster: Option<String>,
-    /// `:authority` of the fetches (default the cluster name).
-    pub authority: Option<String>,
-    /// How long one fetch may take (default 30s).
-    #[serde(default, deserialize_with = "payload_processor_core::config::deserialize_duration")]
-    #[schemars(with = "Option<String>")]
-    pub fetch_timeout: Option<std::time::Duration>,
-}
-
 /// One route.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -93,19 +73,6 @@ pub enum Utterances {
     Groups(Vec<Vec<String>>),
     /// One group.
     One(Vec<String>),
-}
-
-payload_processor_core::config_enum! {
-    /// What text is embedded.
-    #[derive(Default)]
-    pub enum TextSource {
-        #[default]
-        /// The last user message (chat `messages`, Anthropic `messages`, responses `input`,
-        /// completions `prompt`).
-        LastUserMessage = "LastUserMessage",
-        /// Every user and system text of the conversation, joined.
-        Conversation = "Conversation",
-    }
 }
 
 fn default_threshold() -> f32 {
@@ -151,34 +118,10 @@ struct Loaded {
     routes: Vec<Route>,
 }
 
-/// Fetching the model through a cluster.
-#[derive(Debug)]
-struct Fetch {
-    cluster: String,
-    authority: String,
-    weights: String,
-    tokenizer: String,
-    timeout: std::time::Duration,
-    state: Mutex<FetchState>,
-    loaded: Counter,
-    failed: Counter,
-}
-
-#[derive(Debug, Default)]
-struct FetchState {
-    started: Option<u64>,
-    next_try: u64,
-    weights: Option<Vec<u8>>,
-    tokenizer: Option<Vec<u8>>,
-}
-
 /// The plugin.
 #[derive(Debug)]
 pub struct SemanticRouter {
-    name: String,
-    loaded: OnceLock<Loaded>,
-    specs: Vec<RouteSpec>,
-    fetch: Option<Fetch>,
+    source: ModelSource<Loaded>,
     default_model: String,
     triggers: Vec<String>,
     route_header: String,
@@ -189,25 +132,6 @@ pub struct SemanticRouter {
     defaulted: Counter,
     not_triggered: Counter,
     no_text: Counter,
-}
-
-/// Loads the model named by `config` once per process (shared with every other processor and
-/// configuration naming the same files); errors carry the parameter path.
-pub(crate) fn load_model(config: &EmbeddingConfig, ctx: &BuildContext) -> Result<Arc<StaticModel>, ConfigError> {
-    shared_model(&config.weights, &config.tokenizer, || {
-        let weights = ctx
-            .read_file(&config.weights)
-            .map_err(|err| ModelError::Weights(format!("cannot read: {err}")))?;
-        let tokenizer = ctx
-            .read_file(&config.tokenizer)
-            .map_err(|err| ModelError::Tokenizer(format!("cannot read: {err}")))?;
-        StaticModel::load(&weights, &tokenizer)
-    })
-    .map_err(|err| match err {
-        ModelError::Weights(message) => ConfigError::new("embedding.weights", message),
-        ModelError::Tokenizer(message) => ConfigError::new("embedding.tokenizer", message),
-        ModelError::Mismatch(message) => ConfigError::new("embedding", message),
-    })
 }
 
 /// Factory.
@@ -256,35 +180,16 @@ pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugi
             routed: ctx.counter(&format!("route.{}", route.name)),
         });
     }
-    let loaded = OnceLock::new();
-    let fetch = match &config.embedding.cluster {
-        None => {
-            let model = load_model(&config.embedding, ctx)?;
-            let routes = centroids(&model, &specs).map_err(|(path, message)| ConfigError::new(path, message))?;
-            let _ = loaded.set(Loaded { model, routes });
-            None
-        }
-        Some(cluster) => {
-            if cluster.trim().is_empty() {
-                return Err(ConfigError::new("embedding.cluster", "must not be empty"));
-            }
-            Some(Fetch {
-                cluster: cluster.clone(),
-                authority: config.embedding.authority.clone().unwrap_or_else(|| cluster.clone()),
-                weights: config.embedding.weights.clone(),
-                tokenizer: config.embedding.tokenizer.clone(),
-                timeout: config.embedding.fetch_timeout.unwrap_or(Duration::from_secs(30)),
-                state: Mutex::new(FetchState::default()),
-                loaded: ctx.counter("model_loaded"),
-                failed: ctx.counter("model_fetch_failed"),
-            })
-        }
-    };
+    let source = ModelSource::build(
+        &config.embedding,
+        ctx,
+        Box::new(move |model| {
+            let routes = centroids(&model, &specs)?;
+            Ok(Loaded { model, routes })
+        }),
+    )?;
     Ok(Arc::new(SemanticRouter {
-        name: ctx.processor_name().to_string(),
-        loaded,
-        specs,
-        fetch,
+        source,
         default_model: config.default_model,
         triggers: config.trigger_models,
         route_header: config.route_header.to_ascii_lowercase(),
@@ -331,57 +236,10 @@ fn centroids(model: &StaticModel, specs: &[RouteSpec]) -> Result<Vec<Route>, (St
     Ok(routes)
 }
 
-/// The text of a message's `content`: a string, or the text parts of a list.
-fn content_text(content: &Value) -> Option<String> {
-    match content {
-        Value::String(text) => Some(text.clone()),
-        Value::Array(parts) => {
-            let texts: Vec<&str> = parts
-                .iter()
-                .filter_map(|part| part.get("text").and_then(Value::as_str).or_else(|| part.as_str()))
-                .collect();
-            (!texts.is_empty()).then(|| texts.join("\n"))
-        }
-        _ => None,
-    }
-}
-
-/// The text to embed from a request document of the known API shapes.
-fn request_text(doc: &Value, source: TextSource) -> Option<String> {
-    let messages = doc
-        .get("messages")
-        .or_else(|| doc.get("input").filter(|input| input.is_array()))
-        .and_then(Value::as_array);
-    if let Some(messages) = messages {
-        let role = |m: &Value| m.get("role").and_then(Value::as_str).unwrap_or("user").to_string();
-        return match source {
-            TextSource::LastUserMessage => messages
-                .iter()
-                .rev()
-                .find(|m| role(m) == "user")
-                .and_then(|m| m.get("content").and_then(content_text)),
-            TextSource::Conversation => {
-                let mut texts: Vec<String> = doc.get("system").and_then(content_text).into_iter().collect();
-                texts.extend(
-                    messages
-                        .iter()
-                        .filter(|m| matches!(role(m).as_str(), "user" | "system" | "developer"))
-                        .filter_map(|m| m.get("content").and_then(content_text)),
-                );
-                (!texts.is_empty()).then(|| texts.join("\n"))
-            }
-        };
-    }
-    doc.get("input")
-        .or_else(|| doc.get("prompt"))
-        .and_then(|v| content_text(v).or_else(|| v.as_array()?.first().and_then(content_text)))
-}
-
 impl SemanticRouter {
     /// The best route and its score, or None below every threshold; the best score either way.
-    fn classify<'a>(&self, loaded: &'a Loaded, text: &str) -> (Option<&'a Route>, f32) {
-        let mut query = loaded.model.embed(text);
-        normalize(&mut query);
+    fn classify<'a>(&self, ctx: &mut Context<'_>, loaded: &'a Loaded, text: &str) -> (Option<&'a Route>, f32) {
+        let query = request_embedding(ctx, &loaded.model, text);
         let mut best: Option<(&Route, f32)> = None;
         let mut best_score = f32::MIN;
         for route in &loaded.routes {
@@ -405,7 +263,7 @@ impl Plugin for SemanticRouter {
     }
 
     fn background(&self) -> Option<&dyn Background> {
-        self.fetch.as_ref().map(|_| self as &dyn Background)
+        self.source.background()
     }
 
     fn on_request(&self, ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
@@ -426,15 +284,11 @@ impl Plugin for SemanticRouter {
             return Ok(Decision::Continue);
         }
         let text = request_text(doc, self.text);
-        let Some(loaded) = self.loaded.get() else {
-            return Err(PluginError {
-                status: Some(503),
-                code: "model_loading".into(),
-                message: format!("processor {}: the embedding model is not loaded yet", self.name),
-            });
+        let Some(loaded) = self.source.get() else {
+            return Err(self.source.not_loaded());
         };
         let (route, score) = match text.as_deref().filter(|t| !t.trim().is_empty()) {
-            Some(text) => self.classify(loaded, text),
+            Some(text) => self.classify(ctx, loaded, text),
             None => {
                 ctx.increment(self.no_text);
                 (None, 0.0)
@@ -458,143 +312,6 @@ impl Plugin for SemanticRouter {
         ctx.set_metadata(&self.namespace, "route", name);
         ctx.set_metadata_number(&self.namespace, "score", f64::from(score));
         Ok(Decision::Continue)
-    }
-}
-
-/// Callout tags of the two files.
-const WEIGHTS: u64 = 0;
-const TOKENIZER: u64 = 1;
-
-impl Background for SemanticRouter {
-    fn tick_interval(&self) -> Duration {
-        Duration::from_millis(200)
-    }
-
-    fn on_tick(&self, ctx: &mut BackgroundContext<'_>) {
-        let Some(fetch) = &self.fetch else { return };
-        if self.loaded.get().is_some() {
-            return;
-        }
-        let now = ctx.now_nanos();
-        let timeout = u64::try_from(fetch.timeout.as_nanos()).unwrap_or(u64::MAX);
-        {
-            let mut state = fetch.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            // A fetch in flight blocks the next, unless the proxy lost it.
-            let busy = state
-                .started
-                .is_some_and(|started| now.saturating_sub(started) < timeout.saturating_mul(2));
-            if busy || now < state.next_try {
-                return;
-            }
-            *state = FetchState {
-                started: Some(now),
-                ..FetchState::default()
-            };
-        }
-        for (path, tag) in [(&fetch.weights, WEIGHTS), (&fetch.tokenizer, TOKENIZER)] {
-            let request = CalloutRequest {
-                cluster: fetch.cluster.clone(),
-                method: "GET".into(),
-                path: path.clone(),
-                authority: fetch.authority.clone(),
-                headers: Vec::new(),
-                body: Vec::new(),
-                timeout: fetch.timeout,
-            };
-            if let Err(err) = ctx.send(&request, tag) {
-                self.fetch_failed(
-                    ctx,
-                    now,
-                    &format!("cannot fetch {path} from cluster {}: {err}", fetch.cluster),
-                );
-                return;
-            }
-        }
-    }
-
-    fn on_callout_done(
-        &self,
-        ctx: &mut BackgroundContext<'_>,
-        tag: u64,
-        result: Result<CalloutResponse, CalloutError>,
-    ) {
-        let Some(fetch) = &self.fetch else { return };
-        let now = ctx.now_nanos();
-        let path = if tag == WEIGHTS {
-            &fetch.weights
-        } else {
-            &fetch.tokenizer
-        };
-        let body = match result {
-            Ok(response) if response.status == 200 => response.body,
-            Ok(response) => {
-                let reason = format!("GET {path} from cluster {} answered {}", fetch.cluster, response.status);
-                return self.fetch_failed(ctx, now, &reason);
-            }
-            Err(err) => {
-                let reason = format!("GET {path} from cluster {} failed: {err}", fetch.cluster);
-                return self.fetch_failed(ctx, now, &reason);
-            }
-        };
-        let files = {
-            let mut state = fetch.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            if state.started.is_none() {
-                return; // a failed attempt's late answer
-            }
-            if tag == WEIGHTS {
-                state.weights = Some(body);
-            } else {
-                state.tokenizer = Some(body);
-            }
-            match (&state.weights, &state.tokenizer) {
-                (Some(_), Some(_)) => {
-                    state.started = None;
-                    Some((
-                        state.weights.take().unwrap_or_default(),
-                        state.tokenizer.take().unwrap_or_default(),
-                    ))
-                }
-                _ => None,
-            }
-        };
-        let Some((weights, tokenizer)) = files else { return };
-        let loaded = StaticModel::load(&weights, &tokenizer)
-            .map_err(|err| format!("{err:?}"))
-            .and_then(|model| {
-                let routes = centroids(&model, &self.specs).map_err(|(path, message)| format!("{path}: {message}"))?;
-                Ok(Loaded {
-                    model: Arc::new(model),
-                    routes,
-                })
-            });
-        match loaded {
-            Ok(loaded) => {
-                log::info!(
-                    "semantic-router {}: model loaded from cluster {} ({:.1} MB table)",
-                    self.name,
-                    fetch.cluster,
-                    loaded.model.table_bytes() as f64 / 1e6
-                );
-                let _ = self.loaded.set(loaded);
-                ctx.increment(fetch.loaded);
-            }
-            Err(reason) => self.fetch_failed(ctx, now, &format!("the fetched model does not load: {reason}")),
-        }
-    }
-}
-
-impl SemanticRouter {
-    /// Logs why, counts it, and tries again a little later: requests meanwhile get 503
-    /// `model_loading` (or pass unrouted under FailOpen), never wait.
-    fn fetch_failed(&self, ctx: &mut BackgroundContext<'_>, now: u64, reason: &str) {
-        let Some(fetch) = &self.fetch else { return };
-        log::error!("semantic-router {}: {reason}; retrying in 2s", self.name);
-        ctx.increment(fetch.failed);
-        let mut state = fetch.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        *state = FetchState {
-            next_try: now.saturating_add(2_000_000_000),
-            ..FetchState::default()
-        };
     }
 }
 

@@ -7,10 +7,16 @@
 //! - [`StaticModel`]: the table (kept as f16), loading with checks, embedding, memory.
 //! - [`shared_model`]: one model per pair of files per process, shared by every processor and
 //!   every worker that names them.
+//! - [`source`]: the `embedding` parameter, and loading from files or through a cluster.
+//! - [`request`]: a request's prompt text, and its embedding made once per request.
 
+pub mod request;
+pub mod source;
 pub mod tokenizer;
 
 use half::f16;
+pub use request::{request_embedding, request_text, TextSource};
+pub use source::{EmbeddingConfig, ModelSource};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 pub use tokenizer::Tokenizer;
@@ -102,6 +108,18 @@ impl StaticModel {
     /// Bytes the table takes (the tokenizer's maps come on top, a few MB at most).
     pub fn table_bytes(&self) -> usize {
         self.table.len() * 2
+    }
+
+    /// The mean of every row of the table: the direction all of this model's embeddings share,
+    /// which a cache subtracts before it keeps one bit per dimension.
+    pub fn mean_row(&self) -> Vec<f32> {
+        let mut sum = vec![0f32; self.dim];
+        for row in self.table.chunks_exact(self.dim) {
+            add_row(&mut sum, row, 1.0);
+        }
+        let scale = 1.0 / self.rows.max(1) as f32;
+        sum.iter_mut().for_each(|s| *s *= scale);
+        sum
     }
 
     /// The token ids of `text`.
