@@ -15,6 +15,7 @@ pub mod mcp_router;
 pub mod model_rewrite;
 pub mod prompt_decorator;
 pub mod request_validator;
+pub mod response_cache;
 pub mod semantic_router;
 pub mod token_usage;
 
@@ -57,6 +58,7 @@ pub fn register_builtins(registry: &mut Registry) {
         prompt_guard,
         endpoint_picker,
         semantic_router,
+        response_cache,
     );
 }
 

@@ -118,6 +118,9 @@ pub enum Decision {
     Continue,
     /// Answer now with this reply; later processors do not run.
     Reject(LocalReply),
+    /// Answer now with this reply, which is the answer itself rather than a refusal (a cache
+    /// hit): later processors do not run, and it is not counted as a rejection.
+    Respond(LocalReply),
 }
 
 /// A plugin that could not do its work. Handled by the processor's failure mode.

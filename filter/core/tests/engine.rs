@@ -279,7 +279,11 @@ fn derived_values_are_shared_with_later_processors_of_the_same_request_only() {
     assert_eq!(host.header_values(Direction::Request, "x-derived"), vec!["1"]);
     let mut next = FakeHost::request("/", &[], b"{}");
     run_request(&chain, &mut next);
-    assert_eq!(next.header_values(Direction::Request, "x-derived"), vec!["1"], "a new request starts empty");
+    assert_eq!(
+        next.header_values(Direction::Request, "x-derived"),
+        vec!["1"],
+        "a new request starts empty"
+    );
 }
 
 #[test]
@@ -287,7 +291,8 @@ fn a_redacted_answer_is_visible_to_later_response_processors_only() {
     let answer = |yaml: &str| {
         let chain = chain(yaml);
         let mut host = FakeHost::request("/", &[], b"");
-        host.response_headers.push(("content-type".into(), "application/json".into()));
+        host.response_headers
+            .push(("content-type".into(), "application/json".into()));
         host.response_body = br#"{"id":1}"#.to_vec();
         let mut stream = Stream::new(chain);
         stream.on_request_headers(&mut host, true);
@@ -300,7 +305,11 @@ fn a_redacted_answer_is_visible_to_later_response_processors_only() {
     let look_then_redact = "processors: [{name: l, type: probe, parameters: {response: body, do: redacted?}}, {name: r, type: probe, parameters: {response: body, do: redact}}]";
     assert_eq!(answer(look_then_redact), "false");
     let on_request = "processors: [{name: r, type: probe, parameters: {request: headers, do: redact}}, {name: l, type: probe, parameters: {response: body, do: redacted?}}]";
-    assert_eq!(answer(on_request), "false", "redacting the request does not mark the answer");
+    assert_eq!(
+        answer(on_request),
+        "false",
+        "redacting the request does not mark the answer"
+    );
 }
 
 #[test]

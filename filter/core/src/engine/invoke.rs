@@ -192,6 +192,13 @@ impl Stream {
                     outcome.into(),
                 );
             }
+            Ok(Ok(Step::Respond(reply))) => {
+                let outcome = format!("respond {}", reply.status);
+                return (
+                    Verdict::Stop(reply, format!("payload_processor.{}.answered", processor.name)),
+                    outcome.into(),
+                );
+            }
             Ok(Err(error)) => Failure::Error(error),
             Err(_) => Failure::Panic,
         };

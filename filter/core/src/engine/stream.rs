@@ -86,6 +86,7 @@ pub(super) enum Step {
     Continue,
     Drop,
     Reject(LocalReply),
+    Respond(LocalReply),
 }
 
 impl From<Decision> for Step {
@@ -93,6 +94,7 @@ impl From<Decision> for Step {
         match decision {
             Decision::Continue => Step::Continue,
             Decision::Reject(reply) => Step::Reject(reply),
+            Decision::Respond(reply) => Step::Respond(reply),
         }
     }
 }
