@@ -345,7 +345,7 @@ impl ResponseCache {
     }
 
     /// Whether the answer may be kept: a 200 of the kind asked for (JSON, or an event stream
-    /// for a streaming request), not marked private or no-store by the upstream. Also says
+    /// for a streaming request), not marked `private` or `no-store` by the upstream. Also says
     /// `miss` in the cache header while the headers can still change.
     fn check_response(&self, ctx: &mut Context<'_>, streamed: bool) -> bool {
         if !ctx.headers_sent() {
@@ -365,10 +365,10 @@ impl ResponseCache {
         } else {
             media == "application/json" || media.ends_with("+json")
         };
+        // An upstream's `no-cache` is not a refusal here: model servers put it on every event
+        // stream so that proxies do not buffer it, and it allows storing.
         let control = directives(ctx.header("cache-control"));
-        let forbidden = control
-            .iter()
-            .any(|d| matches!(d.as_str(), "no-store" | "private" | "no-cache"));
+        let forbidden = control.iter().any(|d| matches!(d.as_str(), "no-store" | "private"));
         status.trim() == "200" && kind_matches && !forbidden
     }
 

@@ -251,3 +251,26 @@ fn bad_parameters_are_refused_with_paths() {
         assert!(err.starts_with(expected), "{parameters}: {err}");
     }
 }
+
+#[test]
+fn streams_behind_a_stream_guard_are_recorded() {
+    let chain = load(
+        "processors: [{name: pii, type: pii-guard, parameters: {entities: [Email], action: Mask}}, \
+         {name: cache, type: response-cache, parameters: {}}]",
+    );
+    let mut streaming = chat("count");
+    streaming["stream"] = json!(true);
+    let events = "data: {\"choices\":[{\"delta\":{\"content\":\"one\"}}]}\n\n\
+                  data: {\"choices\":[{\"delta\":{\"content\":\" two\"}}]}\n\ndata: [DONE]\n\n";
+    let mut host = FakeHost::request("/v1/chat/completions", &[], &serde_json::to_vec(&streaming).unwrap());
+    let mut stream = Stream::new(chain.clone());
+    run_request_phase(&mut stream, &mut host);
+    let client = run_streamed_response(&mut stream, &mut host, events.as_bytes(), 17);
+    let mut again = FakeHost::request("/v1/chat/completions", &[], &serde_json::to_vec(&streaming).unwrap());
+    run_request_phase(&mut Stream::new(chain.clone()), &mut again);
+    let reply = again.reply.expect("a hit");
+    assert_eq!(
+        String::from_utf8(reply.body).unwrap(),
+        String::from_utf8(client).unwrap()
+    );
+}
