@@ -84,7 +84,7 @@ fn bench(c: &mut Criterion) {
                 }
             }
             let score: f32 = sums.iter().sum();
-            if score >= THRESHOLD && best.map_or(true, |(_, s)| score > s) {
+            if score >= THRESHOLD && !best.is_some_and(|(_, s)| score <= s) {
                 best = Some((*key, score));
             }
         }
