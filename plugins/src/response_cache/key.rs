@@ -110,8 +110,8 @@ pub struct GuardWords {
     /// Capitalised words other than the first of a sentence (names: "Paris", "IBM"), compared
     /// case-insensitively.
     pub capitalized: bool,
-    /// Negation words, lower case; any word ending in "n't" counts too. Every negation is the
-    /// same guard word, so "don't" matches "do not".
+    /// Negation words, lower case; any word ending in "n't" counts too (none when the list is
+    /// empty). Every negation is the same guard word, so "don't" matches "do not".
     pub negations: Vec<String>,
 }
 
@@ -146,7 +146,9 @@ pub fn guard_words(text: &str, guard: &GuardWords) -> String {
         let first = std::mem::replace(&mut sentence_start, false);
         if guard.numbers && word.chars().any(|c| c.is_numeric()) {
             push(&mut out, word);
-        } else if lower.ends_with("n't") || lower.ends_with("n’t") || guard.negations.contains(&lower) {
+        } else if !guard.negations.is_empty()
+            && (lower.ends_with("n't") || lower.ends_with("n’t") || guard.negations.contains(&lower))
+        {
             push(&mut out, "¬");
         } else if guard.capitalized && !first && word != "I" && word.chars().next().is_some_and(char::is_uppercase) {
             push(&mut out, &lower);

@@ -80,7 +80,8 @@ pub struct GuardWordsConfig {
     /// Capitalised words not opening a sentence: names (default true).
     #[serde(default = "yes")]
     pub capitalized: bool,
-    /// Negation words (default: an English list; any word ending in "n't" counts too).
+    /// Negation words (default: an English list); any word ending in "n't" counts too, unless
+    /// the list is empty (`[]` turns negations off).
     pub negations: Option<Vec<String>>,
 }
 
