@@ -1,8 +1,9 @@
 """The main job: Envoy with the payload processor on the bundled demo config and three local
 mock model servers. Sends sample requests and shows which pool answered, the headers the filter
-set for routing, what the guardrails masked or refused, the token usage it read; then streams a completion event by event and shows
-the usage metadata Envoy logged for it; finally the endpoint picker choosing between three mock vLLM
-pods. With --serve it keeps running for your own curl."""
+set for routing, what the guardrails masked or refused, the token usage it read; then routes by
+meaning and answers a reworded question from the semantic cache; streams a completion event by
+event and shows the usage metadata Envoy logged for it; finally the endpoint picker choosing
+between three mock vLLM pods. With --serve it keeps running for your own curl."""
 import argparse
 import json
 import tempfile
@@ -16,6 +17,7 @@ from harness import ROOT, Envoy, read_access_log
 from harness.model_server import ModelServer
 from harness.render import render
 from harness.vllm_server import VllmServer
+from harness.model_files import ModelFileServer
 
 SAMPLES = [
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "model": "llama-3-8b"}),
@@ -59,6 +61,37 @@ def run_samples(envoy, pools):
             except ValueError:
                 detail = ""
         print(f"{shown:<64} {reply.status_code:>6}  {(answered or ['-'])[0]:<13} {detail}")
+
+
+def run_semantic(envoy, pools):
+    """semantic-router sends `auto` by meaning; response-cache answers a rewording from memory."""
+    deadline = time.monotonic() + 60
+    loaded = "payload_processor.processor.{}.model_loaded"
+    while not all(envoy.stats(f"processor.{p}.model_loaded").get(loaded.format(p)) for p in ("router", "cache")):
+        if time.monotonic() > deadline:
+            print("\n(the embedding model did not arrive through the models cluster; skipping)")
+            return
+        time.sleep(0.1)
+    print("\nBy meaning (the embedding model came through the `models` cluster):")
+
+    def ask(text, model="auto"):
+        seen = {name: len(pool.requests) for name, pool in pools.items()}
+        started = time.monotonic()
+        reply = requests.post(envoy.url("/v1/chat/completions"), timeout=10,
+                              json={"model": model, "messages": [{"role": "user", "content": text}]})
+        took = (time.monotonic() - started) * 1000
+        answered = [name for name, pool in pools.items() if len(pool.requests) > seen[name]]
+        route = pools[answered[0]].requests[-1]["headers"].get("x-semantic-route", "-") if answered else "-"
+        print(f"  {model:<10} {text!r:<46} {reply.status_code}  route {route:<8} {(answered or ['the cache'])[0]:<12} "
+              f"x-cache {reply.headers.get('x-cache', '-'):<5} {took:5.1f} ms")
+
+    ask("Can you help me fix my rust compile error?")
+    ask("What is the derivative of x cubed?")
+    ask("Tell me a story about dragons")
+    print("  (the same model, a rewording, then a negation: guard words keep it a miss)")
+    ask("How do I reset my password?", "llama-3-8b")
+    ask("how can I reset my password", "llama-3-8b")
+    ask("How do I not reset my password?", "llama-3-8b")
 
 
 def run_stream(envoy, access_log, logged_before):
@@ -129,8 +162,10 @@ def main():
 
     pools = {name: ModelServer(name) for name in ("pool-llama", "pool-mistral", "pool-qwen")}
     pods = {name: VllmServer(name) for name in ("pod-a", "pod-b", "pod-c")}
+    models = ModelFileServer()
     values = {f"UPSTREAM_{key}_PORT": server.port for key, server in zip("ABC", pools.values())}
     values.update({f"POD_{key}": pod.address for key, pod in zip("ABC", pods.values())})
+    values["MODELS_PORT"] = models.port
     values["POOL_LISTEN_PORT"] = args.port + 1 if args.serve and args.port else 0
     access_log = Path(tempfile.mkdtemp(prefix="demo-")) / "access.log"
     values.update(LISTEN_PORT=args.port if args.serve else 0, ADMIN_PORT=0, ACCESS_LOG=access_log,
@@ -143,6 +178,7 @@ def main():
         print(f"Envoy 1.40 with {artifact} is up on 127.0.0.1:{envoy.port} "
               f"(started in {envoy.startup_seconds:.2f}s, admin on {envoy.admin})\n")
         run_samples(envoy, pools)
+        run_semantic(envoy, pools)
         run_stream(envoy, access_log, len(read_access_log(access_log, len(SAMPLES))))
         run_pool(envoy, pods)
         stats = {k: v for k, v in envoy.stats().items() if v and "latency" not in k and ".endpoint." not in k}
@@ -156,7 +192,7 @@ def main():
         pass
     finally:
         envoy.stop()
-        for server in [*pools.values(), *pods.values()]:
+        for server in [*pools.values(), *pods.values(), models]:
             server.stop()
 
 

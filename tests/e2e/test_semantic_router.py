@@ -10,6 +10,7 @@ import pytest
 
 from harness import Envoy, bootstrap, cluster, model_routes, processor_filter, wordllama_files
 from harness.mock_server import MockServer
+from harness.model_files import ModelFileServer
 
 ROUTES = {
     "math": ["solve this equation for x", "what is the integral of x squared", "compute 15 percent of 240",
@@ -82,30 +83,6 @@ def test_five_routes_answer_the_openai_client_from_the_right_upstream(form, serv
     assert stats["payload_processor.processor.router.route.math"] == 1
     assert stats["payload_processor.processor.router.route.default"] == 1
     assert stats["payload_processor.processor.router.not_triggered"] == 1
-
-
-class ModelFileServer:
-    """Serves the model's two files over HTTP, as a model store or an Envoy-internal file route would."""
-
-    def __init__(self):
-        import tempfile
-        import threading
-        from functools import partial
-        from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-        from pathlib import Path
-
-        self.directory = Path(tempfile.mkdtemp(prefix="models-"))
-        for path in wordllama_files():
-            (self.directory / path.name).symlink_to(path)
-        handler = partial(SimpleHTTPRequestHandler, directory=str(self.directory))
-        handler.log_message = lambda *a: None
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def test_model_fetched_through_a_cluster_routes_in_both_forms(form, servers, start_envoy):

@@ -216,6 +216,15 @@ static MODELS: Mutex<Option<LoadedModels>> = Mutex::new(None);
 /// (weights path, tokenizer path) -> the model, while anyone holds it.
 type LoadedModels = HashMap<(String, String), Weak<StaticModel>>;
 
+/// The model of these two files if one is loaded in this process (anyone still holds it).
+pub fn loaded_model(weights_path: &str, tokenizer_path: &str) -> Option<Arc<StaticModel>> {
+    let models = MODELS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    models
+        .as_ref()?
+        .get(&(weights_path.to_string(), tokenizer_path.to_string()))
+        .and_then(Weak::upgrade)
+}
+
 /// The model of these two files, loaded once per process while anyone holds it.
 pub fn shared_model(
     weights_path: &str,

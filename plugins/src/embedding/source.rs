@@ -2,7 +2,7 @@
 //! paths fetched through an Envoy cluster after the configuration loaded (both forms; the only
 //! way for the `.wasm`, which has no file system). Shared by every plugin that embeds.
 
-use super::{shared_model, ModelError, StaticModel};
+use super::{loaded_model, shared_model, ModelError, StaticModel};
 use payload_processor_core::{
     Background, BackgroundContext, BuildContext, CalloutError, CalloutRequest, CalloutResponse, ConfigError, Counter,
     PluginError,
@@ -177,6 +177,12 @@ impl<T: Send + Sync> Background for ModelSource<T> {
             if busy || now < state.next_try {
                 return;
             }
+            // Another processor (or configuration) already fetched the same files: share its table.
+            let (weights_key, tokenizer_key) = fetch.keys();
+            if let Some(model) = loaded_model(&weights_key, &tokenizer_key) {
+                drop(state);
+                return self.loaded(ctx, now, Ok(model));
+            }
             *state = FetchState {
                 started: Some(now),
                 ..FetchState::default()
@@ -249,15 +255,35 @@ impl<T: Send + Sync> Background for ModelSource<T> {
             }
         };
         let Some((weights, tokenizer)) = files else { return };
-        let loaded = StaticModel::load(&weights, &tokenizer)
-            .map_err(|err| format!("{err:?}"))
-            .and_then(|model| {
-                let table_mb = model.table_bytes() as f64 / 1e6;
-                (self.prepare)(Arc::new(model))
-                    .map(|ready| (ready, table_mb))
-                    .map_err(|(path, message)| format!("{path}: {message}"))
-            });
-        match loaded {
+        // One table per process for the same files, whoever fetched them first.
+        let (weights_key, tokenizer_key) = fetch.keys();
+        let model = shared_model(&weights_key, &tokenizer_key, || StaticModel::load(&weights, &tokenizer))
+            .map_err(|err| format!("{err:?}"));
+        self.loaded(ctx, now, model);
+    }
+}
+
+impl Fetch {
+    /// The keys of the fetched files among the process's models (apart from file paths).
+    fn keys(&self) -> (String, String) {
+        (
+            format!("cluster {}: {}", self.cluster, self.weights),
+            format!("cluster {}: {}", self.cluster, self.tokenizer),
+        )
+    }
+}
+
+impl<T: Send + Sync> ModelSource<T> {
+    /// Prepares what the plugin needs from a fetched model, or counts the failure and retries.
+    fn loaded(&self, ctx: &mut BackgroundContext<'_>, now: u64, model: Result<Arc<StaticModel>, String>) {
+        let Some(fetch) = &self.fetch else { return };
+        let prepared = model.and_then(|model| {
+            let table_mb = model.table_bytes() as f64 / 1e6;
+            (self.prepare)(model)
+                .map(|ready| (ready, table_mb))
+                .map_err(|(path, message)| format!("{path}: {message}"))
+        });
+        match prepared {
             Ok((ready, table_mb)) => {
                 log::info!(
                     "processor {}: embedding model loaded from cluster {} ({table_mb:.1} MB table)",

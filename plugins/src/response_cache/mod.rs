@@ -248,6 +248,7 @@ pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugi
 }
 
 /// A miss that may be stored when its answer comes.
+#[derive(Clone)]
 struct Pending {
     key: Digest32,
     /// Semantic entries: the bucket and the prompt's vector.
@@ -264,6 +265,8 @@ struct CacheState {
     recording: Vec<u8>,
     /// The response was checked (status, cache-control, type) and may be stored.
     storable: Option<bool>,
+    /// Bytes of the recording already kept at the stream's terminal event.
+    stored_len: Option<usize>,
 }
 
 /// `cache-control` directives of a header value, lower case.
@@ -373,7 +376,7 @@ impl ResponseCache {
         status.trim() == "200" && kind_matches && !forbidden
     }
 
-    fn store_answer(&self, ctx: &mut Context<'_>, pending: Pending, body: Vec<u8>, content_type: String) {
+    fn store_answer(&self, ctx: &mut Context<'_>, pending: &Pending, body: Vec<u8>, content_type: String) {
         if ctx.response_redacted() && !self.store_redacted {
             ctx.increment(self.counters.not_stored);
             return;
@@ -490,7 +493,7 @@ impl Plugin for ResponseCache {
         }
         let body = ctx.body().current().into_owned();
         let content_type = ctx.header("content-type").unwrap_or_else(|| "application/json".into());
-        self.store_answer(ctx, pending, body, content_type);
+        self.store_answer(ctx, &pending, body, content_type);
         Ok(Decision::Continue)
     }
 
@@ -516,6 +519,17 @@ impl Plugin for ResponseCache {
             return Ok(EventDecision::Continue);
         }
         state.recording.extend_from_slice(&event.to_bytes());
+        // Clients often close the connection right after the protocol's last event, before the
+        // stream's end reaches the filter: the answer is complete here, keep it now.
+        let terminal =
+            event.is_done_marker() || matches!(event.event_type(), Some("message_stop" | "response.completed"));
+        if terminal && state.stored_len.is_none() {
+            state.stored_len = Some(state.recording.len());
+            let recording = state.recording.clone();
+            if let Some(pending) = state.pending.clone() {
+                self.store_answer(ctx, &pending, recording, "text/event-stream".into());
+            }
+        }
         Ok(EventDecision::Continue)
     }
 
@@ -525,11 +539,25 @@ impl Plugin for ResponseCache {
             return Ok(Decision::Continue);
         };
         let recording = std::mem::take(&mut state.recording);
+        let stored_len = state.stored_len;
         if state.storable != Some(true) || recording.is_empty() {
             ctx.increment(self.counters.not_stored);
             return Ok(Decision::Continue);
         }
-        self.store_answer(ctx, pending, recording, "text/event-stream".into());
+        if stored_len == Some(recording.len()) && (self.store_redacted || !ctx.response_redacted()) {
+            return Ok(Decision::Continue); // kept at the terminal event, nothing came after
+        }
+        if stored_len.is_some() && ctx.response_redacted() && !self.store_redacted {
+            // A guard masked what came after the terminal event: the kept answer goes.
+            if let Some((store, _)) = self.parts() {
+                store
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+                    .remove(&pending.key);
+            }
+        }
+        // Events after the terminal one (a guard's held-back text): keep the whole stream.
+        self.store_answer(ctx, &pending, recording, "text/event-stream".into());
         Ok(Decision::Continue)
     }
 }

@@ -224,7 +224,8 @@ impl Store {
         true
     }
 
-    fn remove(&mut self, key: &Digest32) {
+    /// Drops the entry under `key`, if any.
+    pub fn remove(&mut self, key: &Digest32) {
         if let Some(entry) = self.entries.pop(key) {
             self.forget(key, entry);
         }

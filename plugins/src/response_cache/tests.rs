@@ -274,3 +274,40 @@ fn streams_behind_a_stream_guard_are_recorded() {
         String::from_utf8(client).unwrap()
     );
 }
+
+#[test]
+fn a_stream_is_kept_at_its_terminal_event_when_the_client_leaves_before_the_end() {
+    let chain = exact("");
+    let mut streaming = chat("count");
+    streaming["stream"] = json!(true);
+    let events = "data: {\"choices\":[{\"delta\":{\"content\":\"one\"}}]}\n\ndata: [DONE]\n\n";
+    let mut host = FakeHost::request("/v1/chat/completions", &[], &serde_json::to_vec(&streaming).unwrap());
+    let mut stream = Stream::new(chain.clone());
+    run_request_phase(&mut stream, &mut host);
+    host.response_headers.push((":status".into(), "200".into()));
+    host.response_headers
+        .push(("content-type".into(), "text/event-stream".into()));
+    stream.on_response_headers(&mut host, false);
+    host.response_body = events.as_bytes().to_vec();
+    stream.on_response_body(&mut host, false);
+    drop(stream); // the client went away: no end of stream
+    let mut again = FakeHost::request("/v1/chat/completions", &[], &serde_json::to_vec(&streaming).unwrap());
+    run_request_phase(&mut Stream::new(chain.clone()), &mut again);
+    assert_eq!(String::from_utf8(again.reply.expect("a hit").body).unwrap(), events);
+    // Cut before the terminal event: nothing is kept.
+    let mut other = chat("other");
+    other["stream"] = json!(true);
+    let mut host = FakeHost::request("/v1/chat/completions", &[], &serde_json::to_vec(&other).unwrap());
+    let mut stream = Stream::new(chain.clone());
+    run_request_phase(&mut stream, &mut host);
+    host.response_headers.push((":status".into(), "200".into()));
+    host.response_headers
+        .push(("content-type".into(), "text/event-stream".into()));
+    stream.on_response_headers(&mut host, false);
+    host.response_body = b"data: {\"choices\":[{\"delta\":{\"content\":\"one\"}}]}\n\n".to_vec();
+    stream.on_response_body(&mut host, false);
+    drop(stream);
+    let mut again = FakeHost::request("/v1/chat/completions", &[], &serde_json::to_vec(&other).unwrap());
+    run_request_phase(&mut Stream::new(chain), &mut again);
+    assert!(again.reply.is_none(), "a cut stream is not an answer");
+}
