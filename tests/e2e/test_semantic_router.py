@@ -80,6 +80,7 @@ def test_five_routes_answer_the_openai_client_from_the_right_upstream(form, serv
         model="cooking-model", messages=[{"role": "user", "content": "solve this equation for x"}])
     assert raw.http_response.json()["backend"] == "cooking"
     stats = envoy.stats("processor.router")
+    assert "(16.4 MB table, shared by every processor naming these files)" in envoy.log(), "memory reported"
     assert stats["payload_processor.processor.router.route.math"] == 1
     assert stats["payload_processor.processor.router.route.default"] == 1
     assert stats["payload_processor.processor.router.not_triggered"] == 1

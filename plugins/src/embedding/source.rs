@@ -95,6 +95,12 @@ impl<T: Send + Sync> ModelSource<T> {
         let fetch = match &config.cluster {
             None => {
                 let model = load_files(config, ctx)?;
+                log::info!(
+                    "processor {}: embedding model {} ({:.1} MB table, shared by every processor naming these files)",
+                    ctx.processor_name(),
+                    config.weights,
+                    model.table_bytes() as f64 / 1e6
+                );
                 let ready = prepare(model).map_err(|(path, message)| ConfigError::new(path, message))?;
                 let _ = loaded.set(ready);
                 None
