@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p dist
 wasm=(--profile wasm-release --target wasm32-wasip1)
-example=(--manifest-path examples/custom-plugin/Cargo.toml --target-dir target/example)
+example=(--manifest-path examples/custom-plugin/Cargo.toml --target-dir target/example --locked)
 
 # Built apart: together, cargo would unify the CLI's `schema` feature into the module.
 cargo build --release --locked -p payload-processor-dynamic-module
@@ -23,8 +23,11 @@ cargo build --profile "$cli_profile" --locked -p payload-processor-cli
 cp "target/$([ "$cli_profile" = dev ] && echo debug || echo "$cli_profile")/payload-processor" dist/
 cargo build "${wasm[@]}" --locked -p payload-processor-proxy-wasm
 cp target/wasm32-wasip1/wasm-release/payload_processor_wasm.wasm dist/payload_processor.wasm
-cargo build --release "${example[@]}"
-cp target/example/release/libcustom_payload_processor.so dist/
+# The example's .so: optimised by default; scripts/test.sh (CI) takes a debug build that reuses
+# the dependencies its unit tests compiled (PAYLOAD_PROCESSOR_EXAMPLE_PROFILE=dev).
+example_profile=${PAYLOAD_PROCESSOR_EXAMPLE_PROFILE:-release}
+cargo build --profile "$example_profile" "${example[@]}"
+cp "target/example/$([ "$example_profile" = dev ] && echo debug || echo "$example_profile")/libcustom_payload_processor.so" dist/
 cargo build "${wasm[@]}" "${example[@]}"
 cp target/example/wasm32-wasip1/wasm-release/custom_payload_processor.wasm dist/
 ls -l dist/

@@ -19,6 +19,7 @@ Usage: scripts/injection_train.sh [--quick] [OUT.safetensors]
 the report is left as it is.)
 """
 import json
+import os
 import math
 import struct
 import sys
@@ -223,7 +224,7 @@ def mean(values):
     return "n/a" if not values else f"{sum(values) / len(values):.3f}"
 
 
-SCANNER = ROOT / "target" / "release" / "examples" / "injection_scan"
+SCANNER = Path(os.environ.get("INJECTION_SCAN", ROOT / "target" / "release" / "examples" / "injection_scan"))
 
 
 def scan(texts, weights=None):

