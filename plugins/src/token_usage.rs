@@ -206,6 +206,8 @@ struct StreamState {
     first_content_nanos: Option<u64>,
     last_content_nanos: u64,
     content_events: u64,
+    /// The record of the complete answer was written (at the terminal event, or the end).
+    finished: bool,
 }
 
 /// The plugin.
@@ -478,6 +480,25 @@ impl Plugin for TokenUsage {
     }
 
     fn on_response_event(&self, ctx: &mut Context<'_>, event: &mut SseEvent) -> Result<EventDecision, PluginError> {
+        let decision = self.observe_event(ctx, event)?;
+        // The answer is complete at the protocol's last event; clients often leave right after
+        // it, before the stream's end reaches the filter.
+        if event.is_terminal() && !ctx.state::<StreamState>().finished {
+            self.finish_stream(ctx);
+        }
+        Ok(decision)
+    }
+
+    fn on_stream_end(&self, ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
+        if !ctx.state::<StreamState>().finished {
+            self.finish_stream(ctx);
+        }
+        Ok(Decision::Continue)
+    }
+}
+
+impl TokenUsage {
+    fn observe_event(&self, ctx: &mut Context<'_>, event: &mut SseEvent) -> Result<EventDecision, PluginError> {
         if !ctx.headers_sent() {
             self.remove_spoofed_headers(ctx); // a stream's usage comes too late for headers
         }
@@ -541,8 +562,11 @@ impl Plugin for TokenUsage {
         Ok(EventDecision::Continue)
     }
 
-    fn on_stream_end(&self, ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
+    /// What happens once per streamed answer: the counters, Envoy's record, the mean gap
+    /// between tokens.
+    fn finish_stream(&self, ctx: &mut Context<'_>) {
         let state = ctx.state::<StreamState>();
+        state.finished = true;
         let usage = state.usage;
         let model = state.model.clone();
         let timing = state.first_content_nanos.map(|first| (first, state.last_content_nanos));
@@ -563,7 +587,6 @@ impl Plugin for TokenUsage {
                 ctx.set_metadata_number(&self.namespace, "itl_ms", itl_ms);
             }
         }
-        Ok(Decision::Continue)
     }
 }
 
@@ -829,6 +852,31 @@ mod tests {
         host.metadata_structs = Some(Default::default());
         let host = buffered_on(&chain("{envoyAiMetadata: false}"), host, body);
         assert!(host.typed_metadata.is_empty() && host.metadata_structs.unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_streamed_record_is_written_at_the_terminal_event_once() {
+        // The client leaves after [DONE]: the stream's end never reaches the filter.
+        let chain = chain("{}");
+        let mut host = FakeHost::request("/v1/chat/completions", &[], b"{}");
+        host.metadata_structs = Some(Default::default());
+        let mut stream = Stream::new(chain.clone());
+        stream.on_request_headers(&mut host, true);
+        host.response_headers.push(("content-type".into(), "text/event-stream".into()));
+        stream.on_response_headers(&mut host, false);
+        host.response_body = b"data: {\"model\":\"m\",\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n\
+              data: {\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":2,\"total_tokens\":6}}\n\n\
+              data: [DONE]\n\n"
+            .to_vec();
+        stream.on_response_body(&mut host, false);
+        let projection = &host.metadata_structs.as_ref().unwrap()[ENVOY_AI_NAMESPACE];
+        assert_eq!(projection["total_tokens"], 6);
+        assert_eq!(host.counter(&chain, "processor.usage.usage_recorded"), 1);
+        // The end arriving after all changes nothing and counts nothing twice.
+        host.response_body = Vec::new();
+        stream.on_response_body(&mut host, true);
+        assert_eq!(host.counter(&chain, "processor.usage.usage_recorded"), 1);
+        assert_eq!(host.counter(&chain, "processor.usage.envoy_ai_record"), 1);
     }
 
     #[test]

@@ -88,6 +88,14 @@ impl SseEvent {
         self.data.as_deref().is_some_and(|d| d.trim() == "[DONE]")
     }
 
+    /// True for the last event of a known streaming protocol: OpenAI's `[DONE]`, Anthropic's
+    /// `message_stop`, the responses API's `response.completed`. The answer is complete there;
+    /// clients often close the connection right after it, before the stream's end reaches the
+    /// filter, so whatever must happen once per complete answer happens here.
+    pub fn is_terminal(&self) -> bool {
+        self.is_done_marker() || matches!(self.event_type(), Some("message_stop" | "response.completed"))
+    }
+
     /// True when the event carries neither data nor a type (a keep-alive comment, a stray
     /// blank line); plugins are not called for such events.
     pub fn is_empty(&self) -> bool {

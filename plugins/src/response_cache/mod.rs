@@ -521,9 +521,7 @@ impl Plugin for ResponseCache {
         state.recording.extend_from_slice(&event.to_bytes());
         // Clients often close the connection right after the protocol's last event, before the
         // stream's end reaches the filter: the answer is complete here, keep it now.
-        let terminal =
-            event.is_done_marker() || matches!(event.event_type(), Some("message_stop" | "response.completed"));
-        if terminal && state.stored_len.is_none() {
+        if event.is_terminal() && state.stored_len.is_none() {
             state.stored_len = Some(state.recording.len());
             let recording = state.recording.clone();
             if let Some(pending) = state.pending.clone() {
