@@ -862,7 +862,8 @@ mod tests {
         host.metadata_structs = Some(Default::default());
         let mut stream = Stream::new(chain.clone());
         stream.on_request_headers(&mut host, true);
-        host.response_headers.push(("content-type".into(), "text/event-stream".into()));
+        host.response_headers
+            .push(("content-type".into(), "text/event-stream".into()));
         stream.on_response_headers(&mut host, false);
         host.response_body = b"data: {\"model\":\"m\",\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n\
               data: {\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":2,\"total_tokens\":6}}\n\n\
