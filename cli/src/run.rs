@@ -84,6 +84,9 @@ impl TracingHost {
 }
 
 impl Host for TracingHost {
+    fn http_callout(&mut self, _request: &payload_processor_core::CalloutRequest) -> Result<u64, String> {
+        Err("the offline `run` command sends no callouts (the processor's failure mode applies)".into())
+    }
     fn header(&self, dir: Direction, name: &str) -> Option<String> {
         self.inner.header(dir, name)
     }
@@ -318,7 +321,9 @@ impl Options {
         let mut forwarded = match stream.on_request_headers(&mut host, no_body) {
             HeadersFlow::Stop => false,
             HeadersFlow::Continue => true,
-            HeadersFlow::WaitForBody => stream.on_request_body(&mut host, true) != BodyFlow::Stop,
+            HeadersFlow::WaitForBody => stream.on_request_body(&mut host, true) == BodyFlow::Continue,
+            // Never: this host refuses callouts, so a processor that calls out fails.
+            HeadersFlow::WaitForCallout => false,
         };
         forwarded &= host.inner.reply.is_none();
         let request = json!({
@@ -411,7 +416,7 @@ fn respond(stream: &mut Stream, host: &mut TracingHost, upstream: Upstream) -> O
         return None;
     }
     if !streamed {
-        if flow == HeadersFlow::WaitForBody && stream.on_response_body(host, true) == BodyFlow::Stop {
+        if flow == HeadersFlow::WaitForBody && stream.on_response_body(host, true) != BodyFlow::Continue {
             return None;
         }
         return (host.inner.reply.is_none() && !host.inner.reset).then(|| host.inner.response_body.clone());
@@ -423,7 +428,7 @@ fn respond(stream: &mut Stream, host: &mut TracingHost, upstream: Upstream) -> O
         match stream.on_response_body(host, i + 1 == chunks.len()) {
             BodyFlow::Continue => client.extend_from_slice(&host.inner.response_body),
             BodyFlow::Stop => break,
-            BodyFlow::Buffer | BodyFlow::Hold => {}
+            BodyFlow::Buffer | BodyFlow::Hold | BodyFlow::WaitForCallout => {}
         }
     }
     (host.inner.reply.is_none()).then_some(client)

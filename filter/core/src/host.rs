@@ -4,6 +4,8 @@
 //! engine and every plugin only ever see this trait, so they are unit-tested against
 //! [`crate::testing::FakeHost`] and run unchanged in both forms.
 
+use crate::background::{CalloutError, CalloutRequest};
+
 /// Which direction of the HTTP exchange an operation applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Direction {
@@ -128,6 +130,12 @@ pub trait Host {
     }
     /// Receives a trace when [`Host::tracing`] is on.
     fn trace(&mut self, _trace: &ProcessorTrace<'_>) {}
+    /// Starts an HTTP call from this stream; returns the adapter's handle for it. The answer
+    /// (or failure) must come back through [`crate::Stream::on_callout_done`] with that
+    /// handle, on this stream. Hosts that cannot call out refuse.
+    fn http_callout(&mut self, _request: &CalloutRequest) -> Result<u64, CalloutError> {
+        Err("this host cannot send HTTP callouts".into())
+    }
 }
 
 /// What one processor invocation did, for hosts that trace ([`Host::tracing`]).

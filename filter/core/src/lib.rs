@@ -53,7 +53,7 @@ pub mod vocabulary;
 
 pub use background::{Background, BackgroundContext, BackgroundHost, CalloutError, CalloutRequest, CalloutResponse};
 pub use config::{FailureMode, FilterConfig, Limits};
-pub use engine::{BodyFlow, Chain, HeadersFlow, MetricDef, MetricKind, Stream};
+pub use engine::{BodyFlow, CalloutFlow, Chain, HeadersFlow, MetricDef, MetricKind, Stream};
 pub use error::ConfigError;
 pub use event_stream::Api;
 pub use host::{Direction, HeadersHold, Host, MetricId, ProcessorTrace};

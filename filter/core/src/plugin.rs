@@ -1,6 +1,6 @@
 //! What a plugin is and what it may do.
 
-use crate::background::Background;
+use crate::background::{Background, CalloutRequest, CalloutResponse};
 use crate::host::{Direction, Host, MetricId};
 use crate::json::Body;
 use crate::metrics::{Counter, Gauge};
@@ -121,6 +121,15 @@ pub enum Decision {
     /// Answer now with this reply, which is the answer itself rather than a refusal (a cache
     /// hit): later processors do not run, and it is not counted as a rejection.
     Respond(LocalReply),
+    /// Send this HTTP request through a proxy cluster and wait for the answer, which comes to
+    /// [`Plugin::on_callout_done`]. The engine parks the chain (the direction stays held, the
+    /// body buffered) and resumes it in order after the answer; later processors run then.
+    /// The wait is bounded by the request's `timeout` and by the processor's `timeout`
+    /// budget, whichever is shorter. A callout that cannot start, times out or is reset is a
+    /// failure of this processor, handled by its failure mode; the answer's status is the
+    /// plugin's to judge. Allowed on the request and on a buffered response (not from events
+    /// of a streamed response).
+    Callout(CalloutRequest),
 }
 
 /// A plugin that could not do its work. Handled by the processor's failure mode.
@@ -192,6 +201,15 @@ pub trait Plugin: Send + Sync {
     /// Runs once when a streamed response ended normally (not after a rejection).
     fn on_stream_end(&self, _ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
         Ok(Decision::Continue)
+    }
+    /// The answer to the callout this plugin asked for with [`Decision::Callout`], in the
+    /// same direction and with the same body. It may ask for another callout. The default
+    /// refuses, for plugins that never call out.
+    fn on_callout_done(&self, _ctx: &mut Context<'_>, _response: CalloutResponse) -> Result<Decision, PluginError> {
+        Err(PluginError::internal(
+            "unexpected_callout",
+            "this plugin does not handle callout answers",
+        ))
     }
     /// Work the plugin does off the request path (timers, HTTP callouts); `None` by default.
     fn background(&self) -> Option<&dyn Background> {

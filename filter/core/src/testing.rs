@@ -1,6 +1,6 @@
 //! A state-based fake host for unit tests of the engine and of plugins.
 
-use crate::background::{BackgroundHost, CalloutError, CalloutRequest};
+use crate::background::{BackgroundHost, CalloutError, CalloutRequest, CalloutResponse};
 use crate::host::{Direction, HeadersHold, Host, MetricId};
 use std::collections::BTreeMap;
 
@@ -70,6 +70,10 @@ pub struct FakeHost {
     pub metadata_structs: Option<BTreeMap<String, serde_json::Map<String, serde_json::Value>>>,
     /// Typed metadata: namespace -> (type URL, message bytes), when `metadata_structs` is on.
     pub typed_metadata: BTreeMap<String, (String, Vec<u8>)>,
+    /// Callouts the stream sent, with their handles (1, 2, ...), in order.
+    pub callouts: Vec<(u64, CalloutRequest)>,
+    /// When set, every stream callout fails to start with this reason.
+    pub refuse_callouts: Option<String>,
 }
 
 impl FakeHost {
@@ -238,6 +242,14 @@ impl Host for FakeHost {
     fn set_original_destination(&mut self, endpoint: &str) {
         self.original_destination = Some(endpoint.to_string());
     }
+    fn http_callout(&mut self, request: &CalloutRequest) -> Result<u64, CalloutError> {
+        if let Some(reason) = &self.refuse_callouts {
+            return Err(reason.clone());
+        }
+        let handle = self.callouts.len() as u64 + 1;
+        self.callouts.push((handle, request.clone()));
+        Ok(handle)
+    }
 }
 
 /// Shared data of fake background hosts: key -> (value, version).
@@ -331,6 +343,90 @@ pub fn run_request_phase(stream: &mut crate::Stream, host: &mut FakeHost) {
     }
 }
 
+/// How a phase driven with [`run_request_with_callouts`] or [`run_response_with_callouts`]
+/// ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PhaseEnd {
+    /// The direction went on (to the upstream, or to the client).
+    Continued,
+    /// A local reply was sent (in `host.reply`) or the stream was reset.
+    Stopped,
+}
+
+/// Runs the request phase like [`run_request_phase`], answering every callout the chain
+/// sends with `answer` (a fake service), as the adapter would when Envoy answers.
+pub fn run_request_with_callouts(
+    stream: &mut crate::Stream,
+    host: &mut FakeHost,
+    mut answer: impl FnMut(&CalloutRequest) -> Result<CalloutResponse, CalloutError>,
+) -> PhaseEnd {
+    let no_body = host.request_body.is_empty();
+    match stream.on_request_headers(host, no_body) {
+        crate::HeadersFlow::Continue => return PhaseEnd::Continued,
+        crate::HeadersFlow::Stop => return PhaseEnd::Stopped,
+        crate::HeadersFlow::WaitForCallout => {}
+        crate::HeadersFlow::WaitForBody => match stream.on_request_body(host, true) {
+            crate::BodyFlow::WaitForCallout => {}
+            crate::BodyFlow::Continue => return PhaseEnd::Continued,
+            _ => return PhaseEnd::Stopped,
+        },
+    }
+    answer_callouts(stream, host, &mut answer)
+}
+
+/// Runs a buffered JSON response (`host.response_body`, status 200) through the response
+/// phase, answering callouts with `answer`.
+pub fn run_response_with_callouts(
+    stream: &mut crate::Stream,
+    host: &mut FakeHost,
+    mut answer: impl FnMut(&CalloutRequest) -> Result<CalloutResponse, CalloutError>,
+) -> PhaseEnd {
+    if host.header(Direction::Response, ":status").is_none() {
+        host.response_headers.push((":status".into(), "200".into()));
+        host.response_headers
+            .push(("content-type".into(), "application/json".into()));
+    }
+    let no_body = host.response_body.is_empty();
+    match stream.on_response_headers(host, no_body) {
+        crate::HeadersFlow::Continue => return PhaseEnd::Continued,
+        crate::HeadersFlow::Stop => return PhaseEnd::Stopped,
+        crate::HeadersFlow::WaitForCallout => {}
+        crate::HeadersFlow::WaitForBody => match stream.on_response_body(host, true) {
+            crate::BodyFlow::WaitForCallout => {}
+            crate::BodyFlow::Continue => return PhaseEnd::Continued,
+            _ => return PhaseEnd::Stopped,
+        },
+    }
+    answer_callouts(stream, host, &mut answer)
+}
+
+fn answer_callouts(
+    stream: &mut crate::Stream,
+    host: &mut FakeHost,
+    answer: &mut dyn FnMut(&CalloutRequest) -> Result<CalloutResponse, CalloutError>,
+) -> PhaseEnd {
+    loop {
+        let (handle, request) = host.callouts.last().cloned().expect("a callout was sent");
+        match stream.on_callout_done(host, handle, answer(&request)) {
+            crate::CalloutFlow::Waiting => {}
+            crate::CalloutFlow::Resume(_) => return PhaseEnd::Continued,
+            crate::CalloutFlow::Replied | crate::CalloutFlow::Ignored => return PhaseEnd::Stopped,
+        }
+    }
+}
+
+/// A JSON answer from a fake service.
+pub fn json_answer(status: u16, body: &serde_json::Value) -> Result<CalloutResponse, CalloutError> {
+    Ok(CalloutResponse {
+        status,
+        headers: vec![
+            (":status".into(), status.to_string()),
+            ("content-type".into(), "application/json".into()),
+        ],
+        body: serde_json::to_vec(body).expect("JSON serializes"),
+    })
+}
+
 /// Sends a streamed (`text/event-stream`) response through `stream` in chunks of `split`
 /// bytes, the last one ending the stream, and returns the bytes the client received. A
 /// local reply sent instead ends up in `host.reply`.
@@ -348,7 +444,7 @@ pub fn run_streamed_response(stream: &mut crate::Stream, host: &mut FakeHost, bo
         match stream.on_response_body(host, i + 1 == chunks.len()) {
             crate::BodyFlow::Continue => client.extend_from_slice(&host.response_body),
             crate::BodyFlow::Stop => break,
-            crate::BodyFlow::Buffer | crate::BodyFlow::Hold => {}
+            crate::BodyFlow::Buffer | crate::BodyFlow::Hold | crate::BodyFlow::WaitForCallout => {}
         }
     }
     client

@@ -39,6 +39,13 @@ fn is_request(dir: Direction) -> bool {
 }
 
 impl Host for EnvoyHost<'_> {
+    fn http_callout(&mut self, request: &CalloutRequest) -> Result<u64, CalloutError> {
+        let headers = request.header_pairs();
+        let timeout_ms = u64::try_from(request.timeout.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.filter
+            .http_callout(&request.cluster, &headers, &request.body, timeout_ms)
+    }
+
     fn reset_stream(&mut self) {
         self.filter
             .reset_stream("payload_processor.response_rejected_after_headers");

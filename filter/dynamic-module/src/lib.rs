@@ -30,7 +30,9 @@ pub use payload_processor_core::Registry;
 use ffi::abi::{BodyStatus, HeadersStatus, HookStatus, LogLevel, TrailersStatus};
 use ffi::{ConfigHandle, ConfigScheduler, Event, FilterHandle};
 use host::{EnvoyBackgroundHost, EnvoyHost};
-use payload_processor_core::{BodyFlow, CalloutError, CalloutResponse, Chain, HeadersFlow, Stream};
+use payload_processor_core::{
+    BodyFlow, CalloutError, CalloutFlow, CalloutResponse, Chain, Direction, HeadersFlow, Stream,
+};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -237,14 +239,15 @@ fn panic_status(event: Event) -> HookStatus {
 fn headers_status(flow: HeadersFlow) -> HookStatus {
     HookStatus::Headers(match flow {
         HeadersFlow::Continue => HeadersStatus::Continue,
-        HeadersFlow::WaitForBody | HeadersFlow::Stop => HeadersStatus::StopIteration,
+        HeadersFlow::WaitForBody | HeadersFlow::WaitForCallout | HeadersFlow::Stop => HeadersStatus::StopIteration,
     })
 }
 
 fn body_status(flow: BodyFlow) -> HookStatus {
     HookStatus::Body(match flow {
         BodyFlow::Continue => BodyStatus::Continue,
-        BodyFlow::Buffer => BodyStatus::StopIterationAndBuffer,
+        // Waiting for a callout: Envoy keeps the body until the answer resumes the stream.
+        BodyFlow::Buffer | BodyFlow::WaitForCallout => BodyStatus::StopIterationAndBuffer,
         // Held bytes live in the engine and a stopped stream has answered: buffer nothing.
         BodyFlow::Hold | BodyFlow::Stop => BodyStatus::StopIterationNoBuffer,
     })
@@ -253,7 +256,7 @@ fn body_status(flow: BodyFlow) -> HookStatus {
 fn trailers_status(flow: BodyFlow) -> HookStatus {
     HookStatus::Trailers(match flow {
         BodyFlow::Continue => TrailersStatus::Continue,
-        BodyFlow::Buffer | BodyFlow::Hold | BodyFlow::Stop => TrailersStatus::StopIteration,
+        BodyFlow::Buffer | BodyFlow::Hold | BodyFlow::WaitForCallout | BodyFlow::Stop => TrailersStatus::StopIteration,
     })
 }
 
@@ -282,6 +285,22 @@ impl HttpFilter {
             }
             Event::ResponseBody(eos) => body_status(self.stream.on_response_body(&mut host, eos)),
             Event::ResponseTrailers => trailers_status(self.stream.on_response_trailers(&mut host)),
+        }
+    }
+}
+
+impl HttpFilter {
+    /// A callout's answer: the engine goes on from the processor that waited, and the stopped
+    /// direction resumes when the chain finished it.
+    fn on_callout_done(&mut self, handle: FilterHandle, id: u64, outcome: Result<CalloutResponse, CalloutError>) {
+        let mut host = EnvoyHost::new(handle, &self.config.metric_ids, false);
+        match self.stream.on_callout_done(&mut host, id, outcome) {
+            CalloutFlow::Resume(Direction::Request) => handle.continue_decoding(),
+            CalloutFlow::Resume(Direction::Response) => {
+                self.response_headers_sent = true;
+                handle.continue_encoding();
+            }
+            CalloutFlow::Waiting | CalloutFlow::Replied | CalloutFlow::Ignored => {}
         }
     }
 }

@@ -160,6 +160,24 @@ fn body_buffer(request: bool) -> BufferType {
 }
 
 impl Host for WasmHost<'_> {
+    fn http_callout(&mut self, request: &CalloutRequest) -> Result<u64, CalloutError> {
+        // The SDK routes the answer to the HTTP context that is active now: this stream's.
+        hostcalls::dispatch_http_call(
+            &request.cluster,
+            request.header_pairs(),
+            Some(&request.body).filter(|body| !body.is_empty()).map(Vec::as_slice),
+            Vec::new(),
+            request.timeout.max(std::time::Duration::from_millis(1)),
+        )
+        .map(u64::from)
+        .map_err(|status| {
+            format!(
+                "the proxy refused the call ({status:?}); is cluster {} defined?",
+                request.cluster
+            )
+        })
+    }
+
     fn header(&self, dir: Direction, name: &str) -> Option<String> {
         let value = if let Some(snapshot) = self.gone(dir) {
             return snapshot.get(name);

@@ -31,7 +31,7 @@ pub use proxy_wasm;
 
 use headers_hold::HeadersHoldTracker;
 use host::{HeaderSnapshot, WasmBackgroundHost, WasmHost};
-use payload_processor_core::{BodyFlow, Chain, HeadersFlow, HeadersHold, MetricKind, Stream};
+use payload_processor_core::{BodyFlow, CalloutFlow, Chain, HeadersFlow, HeadersHold, MetricKind, Stream};
 use payload_processor_core::{CalloutResponse, Direction};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
@@ -94,23 +94,30 @@ impl Context for Root {
         let Some(loaded) = &self.loaded else { return };
         let chain = Arc::clone(&loaded.chain);
         let metric_ids = Arc::clone(&loaded.metric_ids);
-        // Envoy reports a failed call (connect failure, reset, timeout) as an answer without
-        // headers.
-        let result = if num_headers == 0 {
-            Err("no response (connection failure, reset or timeout)".to_string())
-        } else {
-            let headers: Vec<(String, String)> = self.get_http_call_response_headers();
-            let status = headers
-                .iter()
-                .find(|(name, _)| name == ":status")
-                .and_then(|(_, value)| value.parse().ok())
-                .unwrap_or(0);
-            let body = self.get_http_call_response_body(0, body_size).unwrap_or_default();
-            Ok(CalloutResponse { status, headers, body })
-        };
+        let result = callout_result(self, num_headers, body_size);
         let mut host = WasmBackgroundHost::new(self, &metric_ids);
         chain.on_callout_done(&mut host, u64::from(token_id), result);
     }
+}
+
+/// The answer of an HTTP call, read in its response callback. Envoy reports a failed call
+/// (connect failure, reset, timeout) as an answer without headers.
+fn callout_result(
+    context: &dyn Context,
+    num_headers: usize,
+    body_size: usize,
+) -> Result<CalloutResponse, payload_processor_core::CalloutError> {
+    if num_headers == 0 {
+        return Err("no response (connection failure, reset or timeout)".to_string());
+    }
+    let headers: Vec<(String, String)> = context.get_http_call_response_headers();
+    let status = headers
+        .iter()
+        .find(|(name, _)| name == ":status")
+        .and_then(|(_, value)| value.parse().ok())
+        .unwrap_or(0);
+    let body = context.get_http_call_response_body(0, body_size).unwrap_or_default();
+    Ok(CalloutResponse { status, headers, body })
 }
 
 impl RootContext for Root {
@@ -286,16 +293,17 @@ fn report_memory(gauge: Option<u32>) {
 fn headers_action(flow: HeadersFlow) -> Action {
     match flow {
         HeadersFlow::Continue => Action::Continue,
-        HeadersFlow::WaitForBody | HeadersFlow::Stop => Action::Pause,
+        HeadersFlow::WaitForBody | HeadersFlow::WaitForCallout | HeadersFlow::Stop => Action::Pause,
     }
 }
 
-// Pausing in a body callback buffers the data; after a local reply the stream is over. For
-// `Hold` the engine already emptied the chunk, so what Envoy buffers is nothing.
+// Pausing in a body callback buffers the data (while a callout is out, until its answer
+// resumes the stream); after a local reply the stream is over. For `Hold` the engine already
+// emptied the chunk, so what Envoy buffers is nothing.
 fn body_action(flow: BodyFlow) -> Action {
     match flow {
         BodyFlow::Continue => Action::Continue,
-        BodyFlow::Buffer | BodyFlow::Hold | BodyFlow::Stop => Action::Pause,
+        BodyFlow::Buffer | BodyFlow::Hold | BodyFlow::WaitForCallout | BodyFlow::Stop => Action::Pause,
     }
 }
 
@@ -308,7 +316,31 @@ impl Filter {
     }
 }
 
-impl Context for Filter {}
+impl Context for Filter {
+    /// The answer to a callout the chain waits for: the engine goes on from the processor
+    /// that waited, and the held direction resumes when the chain finished it.
+    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
+        let Some(direction) = self.stream.borrow().waiting_for_callout() else {
+            return;
+        };
+        let result = callout_result(self, num_headers, body_size);
+        // The body waits in Envoy's buffer (the body callback paused and buffered it).
+        let size = host::buffered_size(direction == Direction::Request);
+        let flow = {
+            let (request, response) = (self.request_headers.borrow(), self.response_headers.as_ref());
+            let mut host =
+                WasmHost::new(&self.metric_ids, size, direction).with_gone_headers(request.as_ref(), response);
+            self.stream
+                .borrow_mut()
+                .on_callout_done(&mut host, u64::from(token_id), result)
+        };
+        match flow {
+            CalloutFlow::Resume(Direction::Request) => self.resume_http_request(),
+            CalloutFlow::Resume(Direction::Response) => self.resume_http_response(),
+            CalloutFlow::Waiting | CalloutFlow::Replied | CalloutFlow::Ignored => {}
+        }
+    }
+}
 
 impl HttpContext for Filter {
     fn on_http_request_headers(&mut self, _count: usize, end_of_stream: bool) -> Action {

@@ -17,20 +17,40 @@ impl Stream {
     }
 
     /// Runs the active processors of `direction` in order (with `headers_stage`, only the
-    /// header-only ones), then applies the changes. Returns false when a local reply was sent.
+    /// header-only ones), then applies the changes. `parkable`: whether a processor may park
+    /// the chain on a callout here (elsewhere a callout is that processor's failure).
     pub(super) fn run(
         &mut self,
         host: &mut dyn Host,
         direction: Direction,
-        mut body: Body,
+        body: Body,
         headers_stage: bool,
-    ) -> bool {
+        parkable: bool,
+    ) -> RunOutcome {
+        let resume = Resume {
+            direction,
+            headers_stage,
+            parkable,
+            start: 0,
+            request_headers_changed: false,
+        };
+        self.run_from(host, body, resume)
+    }
+
+    /// [`Stream::run`] from processor `resume.start` on (after a callout's answer).
+    pub(super) fn run_from(&mut self, host: &mut dyn Host, mut body: Body, resume: Resume) -> RunOutcome {
+        let Resume {
+            direction,
+            headers_stage,
+            parkable,
+            start,
+            mut request_headers_changed,
+        } = resume;
         let chain = Arc::clone(&self.chain);
-        let mut request_headers_changed = false;
         // After an early release the header-stage processors already ran, and the headers
         // are gone.
         let headers_gone = self.released(direction) && !headers_stage;
-        for (index, processor) in chain.processors.iter().enumerate() {
+        for (index, processor) in chain.processors.iter().enumerate().skip(start) {
             let need = processor.need(direction);
             if !self.mask(direction)[index]
                 || need == PhaseNeed::Skip
@@ -57,16 +77,15 @@ impl Stream {
                     .map(Step::from)
                 },
             );
-            if let Verdict::Stop(reply, details) = verdict {
-                if headers_gone && direction == Direction::Response {
-                    // The status went out with the headers: end the exchange instead.
-                    log::warn!("{details}: the response headers already went out, resetting the stream");
-                    self.replied = true;
-                    host.reset_stream();
-                    return false;
-                }
-                self.reply(host, &reply, &details);
-                return false;
+            let at = Resume {
+                direction,
+                headers_stage,
+                parkable,
+                start: index,
+                request_headers_changed,
+            };
+            if let Some(outcome) = self.settle(host, verdict, &mut body, at) {
+                return outcome;
             }
         }
         if let Some(bytes) = body.take_changes() {
@@ -78,7 +97,73 @@ impl Stream {
         if request_headers_changed && !headers_gone {
             host.clear_route_cache();
         }
-        true
+        RunOutcome::Done
+    }
+
+    /// Acts on the verdict of the processor at `at.start`: `None` to go on with the next one,
+    /// or how the run ends (a reply, a reset, or parked on a callout).
+    pub(super) fn settle(
+        &mut self,
+        host: &mut dyn Host,
+        verdict: Verdict,
+        body: &mut Body,
+        at: Resume,
+    ) -> Option<RunOutcome> {
+        let index = at.start;
+        let direction = at.direction;
+        let headers_gone = self.released(direction) && !at.headers_stage;
+        let verdict = match verdict {
+            Verdict::Callout(_) if !at.parkable => {
+                let reason = "callouts cannot be made at this point (the headers of a streamed response)";
+                self.fail(host, index, direction, Failure::Callout(reason.into())).0
+            }
+            Verdict::Callout(mut request) => {
+                let chain = Arc::clone(&self.chain);
+                let processor = &chain.processors[index];
+                // The processor's budget bounds the whole wait.
+                if let Some(budget) = processor.timeout_nanos {
+                    request.timeout = request.timeout.min(std::time::Duration::from_nanos(budget));
+                }
+                match host.http_callout(&request) {
+                    Ok(handle) => {
+                        log::debug!(
+                            "processor {} waits for a callout to cluster {}",
+                            processor.name,
+                            request.cluster
+                        );
+                        self.parked = Some(Parked {
+                            handle,
+                            index,
+                            direction,
+                            body: std::mem::take(body),
+                            headers_stage: at.headers_stage,
+                            request_headers_changed: at.request_headers_changed,
+                            cluster: request.cluster,
+                        });
+                        return Some(RunOutcome::Waiting);
+                    }
+                    Err(reason) => {
+                        let reason = format!("the callout to cluster {} could not start: {reason}", request.cluster);
+                        self.fail(host, index, direction, Failure::Callout(reason)).0
+                    }
+                }
+            }
+            other => other,
+        };
+        match verdict {
+            Verdict::Stop(reply, details) => {
+                if headers_gone && direction == Direction::Response {
+                    // The status went out with the headers: end the exchange instead.
+                    log::warn!("{details}: the response headers already went out, resetting the stream");
+                    self.replied = true;
+                    host.reset_stream();
+                    return Some(RunOutcome::Replied);
+                }
+                self.reply(host, &reply, &details);
+                Some(RunOutcome::Replied)
+            }
+            _ => None,
+        }
     }
 
     /// Runs one processor callback with its budget, metrics, panic guard and failure mode, and
@@ -136,6 +221,7 @@ impl Stream {
             headers_sent,
             emitted,
         } = scope;
+        let emitted_present = emitted.is_some();
         let mut request_headers_changed = false;
         let chain = Arc::clone(&self.chain);
         let processor = &chain.processors[index];
@@ -174,8 +260,16 @@ impl Stream {
         if overran {
             host.increment_counter(metrics.budget_overruns, 1);
         }
+        let streamed = emitted_present;
         let failure = match outcome {
-            Ok(Ok(Step::Continue | Step::Drop)) if overran => Failure::Overrun,
+            Ok(Ok(Step::Continue | Step::Drop | Step::Callout(_))) if overran => Failure::Overrun,
+            Ok(Ok(Step::Callout(_))) if streamed => {
+                Failure::Callout("callouts cannot be made from the events of a streamed response".into())
+            }
+            Ok(Ok(Step::Callout(request))) => {
+                let outcome = format!("callout to {}", request.cluster);
+                return (Verdict::Callout(request), outcome.into());
+            }
             Ok(Ok(Step::Continue)) => return (Verdict::Continue, Cow::Borrowed("continue")),
             Ok(Ok(Step::Drop)) => return (Verdict::Drop, Cow::Borrowed("drop")),
             Ok(Ok(Step::Reject(reply))) => {
@@ -202,12 +296,49 @@ impl Stream {
             Ok(Err(error)) => Failure::Error(error),
             Err(_) => Failure::Panic,
         };
+        self.fail_after(host, index, direction, failure, elapsed)
+    }
+
+    /// Applies the processor's failure mode to a failure outside a plugin call (a callout
+    /// that could not start or got no answer).
+    pub(super) fn fail(
+        &mut self,
+        host: &mut dyn Host,
+        index: usize,
+        direction: Direction,
+        failure: Failure,
+    ) -> (Verdict, Cow<'static, str>) {
+        self.fail_after(host, index, direction, failure, 0)
+    }
+
+    fn fail_after(
+        &mut self,
+        host: &mut dyn Host,
+        index: usize,
+        direction: Direction,
+        failure: Failure,
+        elapsed: u64,
+    ) -> (Verdict, Cow<'static, str>) {
+        let chain = Arc::clone(&self.chain);
+        let processor = &chain.processors[index];
+        let metrics = processor.metrics;
         let (reply, reason) = match &failure {
             Failure::Error(error) => {
                 host.increment_counter(metrics.errors, 1);
                 (
                     LocalReply::json_error(error.status.unwrap_or(500), &error.code, &error.message),
                     error.message.clone(),
+                )
+            }
+            Failure::Callout(reason) => {
+                host.increment_counter(metrics.errors, 1);
+                (
+                    LocalReply::json_error(
+                        503,
+                        "callout_failed",
+                        &format!("processor {}: {reason}", processor.name),
+                    ),
+                    reason.clone(),
                 )
             }
             Failure::Overrun => (

@@ -2,6 +2,7 @@
 //! state and shared steps, the request phase, the response phase, streamed events, and the
 //! invocation of one processor with its budget and panic containment.
 
+mod callout;
 mod chain;
 mod events;
 mod invoke;
@@ -10,4 +11,4 @@ mod response;
 mod stream;
 
 pub use chain::{Chain, MetricDef, MetricKind};
-pub use stream::{BodyFlow, HeadersFlow, Stream};
+pub use stream::{BodyFlow, CalloutFlow, HeadersFlow, Stream};

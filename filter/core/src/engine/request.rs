@@ -118,9 +118,6 @@ impl Stream {
             self.active[index] = false;
         }
         self.request_released = true;
-        if !self.run(host, Direction::Request, Body::default(), true) {
-            return HeadersFlow::Stop;
-        }
         let edits_body = chain
             .processors
             .iter()
@@ -130,6 +127,6 @@ impl Stream {
             // The body may change length after the headers left: send it chunked.
             host.remove_header(Direction::Request, "content-length");
         }
-        HeadersFlow::Continue
+        headers_flow(self.run(host, Direction::Request, Body::default(), true, true))
     }
 }

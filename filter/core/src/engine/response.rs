@@ -75,7 +75,7 @@ impl Stream {
         let released = matches!(host.headers_hold(), HeadersHold::Unavailable(_));
         // A streamed response: header-stage processors run now, event processors per event.
         self.response = PhaseState::Streaming;
-        if !self.run(host, Direction::Response, Body::default(), true) {
+        if self.run(host, Direction::Response, Body::default(), true, false) != RunOutcome::Done {
             return HeadersFlow::Stop;
         }
         // Events may change length; a stream with a content-length would be cut or padded.
@@ -102,6 +102,9 @@ impl Stream {
         if self.replied && self.response == PhaseState::Idle {
             return BodyFlow::Continue;
         }
+        if self.parked.is_some() {
+            return BodyFlow::WaitForCallout;
+        }
         if self.response == PhaseState::Streaming {
             return self.on_stream_data(host, end_of_stream);
         }
@@ -110,6 +113,9 @@ impl Stream {
 
     /// Response trailers arrived.
     pub fn on_response_trailers(&mut self, host: &mut dyn Host) -> BodyFlow {
+        if self.parked.is_some() {
+            return BodyFlow::WaitForCallout;
+        }
         if self.response == PhaseState::Streaming {
             return self.on_stream_data(host, true);
         }
@@ -121,10 +127,7 @@ impl Stream {
     /// end with the headers gone.
     pub(super) fn release_response_headers(&mut self, host: &mut dyn Host) -> HeadersFlow {
         self.response_released = true;
-        if !self.run(host, Direction::Response, Body::default(), true) {
-            return HeadersFlow::Stop;
-        }
         host.remove_header(Direction::Response, "content-length");
-        HeadersFlow::Continue
+        headers_flow(self.run(host, Direction::Response, Body::default(), true, true))
     }
 }

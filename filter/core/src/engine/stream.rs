@@ -21,6 +21,9 @@ pub enum HeadersFlow {
     WaitForBody,
     /// A local reply was sent; stop this direction.
     Stop,
+    /// A processor waits for the answer of an HTTP callout: hold the headers. The adapter
+    /// delivers the answer to [`Stream::on_callout_done`], which says when to resume.
+    WaitForCallout,
 }
 
 /// What the adapter should tell the proxy after a body (or trailers) callback.
@@ -35,6 +38,65 @@ pub enum BodyFlow {
     Hold,
     /// A local reply was sent; drop the data.
     Stop,
+    /// A processor waits for the answer of an HTTP callout: stop and keep the body buffered
+    /// (trailers: stop). The adapter delivers the answer to [`Stream::on_callout_done`].
+    WaitForCallout,
+}
+
+/// What the adapter should do after delivering a callout's answer to
+/// [`Stream::on_callout_done`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CalloutFlow {
+    /// Not this stream's pending callout (already answered, or the stream replied): nothing.
+    Ignored,
+    /// Another callout went out; keep waiting.
+    Waiting,
+    /// The chain finished this direction: resume it (Envoy: continue decoding or encoding).
+    Resume(Direction),
+    /// A local reply was sent (or the stream was reset): nothing to resume.
+    Replied,
+}
+
+/// A chain parked on a callout: where it stopped and what it carries until the answer.
+pub(super) struct Parked {
+    pub(super) handle: u64,
+    pub(super) index: usize,
+    pub(super) direction: Direction,
+    pub(super) body: Body,
+    pub(super) headers_stage: bool,
+    pub(super) request_headers_changed: bool,
+    pub(super) cluster: String,
+}
+
+/// Where a run of the chain starts (or resumes) and what it carries over.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Resume {
+    pub(super) direction: Direction,
+    pub(super) headers_stage: bool,
+    pub(super) parkable: bool,
+    /// The processor to start from (in [`Stream::settle`]: the one that just ran).
+    pub(super) start: usize,
+    pub(super) request_headers_changed: bool,
+}
+
+/// The headers flow after a run at headers.
+pub(super) fn headers_flow(outcome: RunOutcome) -> HeadersFlow {
+    match outcome {
+        RunOutcome::Done => HeadersFlow::Continue,
+        RunOutcome::Replied => HeadersFlow::Stop,
+        RunOutcome::Waiting => HeadersFlow::WaitForCallout,
+    }
+}
+
+/// How a run of the chain over one direction ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RunOutcome {
+    /// Every processor ran; changes applied.
+    Done,
+    /// A local reply was sent or the stream reset.
+    Replied,
+    /// Parked on a callout.
+    Waiting,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -73,10 +135,14 @@ pub struct Stream {
     pub(super) request_released: bool,
     /// The same for the response headers.
     pub(super) response_released: bool,
+    /// The chain waits for a callout's answer.
+    pub(super) parked: Option<Parked>,
 }
 
 pub(super) enum Failure {
     Error(PluginError),
+    /// A callout could not start, or got no answer (timeout, reset, unknown cluster).
+    Callout(String),
     Overrun,
     Panic,
 }
@@ -87,6 +153,7 @@ pub(super) enum Step {
     Drop,
     Reject(LocalReply),
     Respond(LocalReply),
+    Callout(crate::background::CalloutRequest),
 }
 
 impl From<Decision> for Step {
@@ -95,6 +162,7 @@ impl From<Decision> for Step {
             Decision::Continue => Step::Continue,
             Decision::Reject(reply) => Step::Reject(reply),
             Decision::Respond(reply) => Step::Respond(reply),
+            Decision::Callout(request) => Step::Callout(request),
         }
     }
 }
@@ -141,6 +209,8 @@ pub(super) enum Verdict {
     Drop,
     /// End the exchange with this reply; the second field is the response code details.
     Stop(LocalReply, String),
+    /// Send this callout and park until its answer.
+    Callout(crate::background::CalloutRequest),
 }
 
 /// Media type of a `content-type` value, lower-cased, without parameters.
@@ -171,6 +241,7 @@ impl Stream {
             request_path: String::new(),
             request_released: false,
             response_released: false,
+            parked: None,
         }
     }
 
@@ -241,11 +312,7 @@ impl Stream {
             // Header-only chains, and body chains when there is no body: run now on an empty body.
             _ => {
                 *self.state(direction) = PhaseState::Done;
-                if self.run(host, direction, Body::default(), false) {
-                    HeadersFlow::Continue
-                } else {
-                    HeadersFlow::Stop
-                }
+                headers_flow(self.run(host, direction, Body::default(), false, true))
             }
         }
     }
@@ -271,6 +338,10 @@ impl Stream {
         if self.replied {
             return BodyFlow::Stop;
         }
+        if self.parked.is_some() {
+            // Data behind headers held for a callout: keep it until the answer.
+            return BodyFlow::WaitForCallout;
+        }
         if *self.state(direction) != PhaseState::Buffering {
             return BodyFlow::Continue;
         }
@@ -285,10 +356,10 @@ impl Stream {
         }
         *self.state(direction) = PhaseState::Done;
         let body = Body::new(host.read_body(direction));
-        if self.run(host, direction, body, false) {
-            BodyFlow::Continue
-        } else {
-            BodyFlow::Stop
+        match self.run(host, direction, body, false, true) {
+            RunOutcome::Done => BodyFlow::Continue,
+            RunOutcome::Replied => BodyFlow::Stop,
+            RunOutcome::Waiting => BodyFlow::WaitForCallout,
         }
     }
 

@@ -271,6 +271,49 @@ impl FilterHandle {
         };
     }
 
+    /// Starts an HTTP call through `cluster` from this stream; Envoy reports the answer to
+    /// `on_http_filter_http_callout_done` with the returned id, or never when the stream is
+    /// destroyed first (Envoy cancels the stream's callouts then).
+    pub(crate) fn http_callout(
+        &self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        timeout_ms: u64,
+    ) -> Result<u64, String> {
+        let headers = module_headers(headers);
+        let mut id = 0u64;
+        // SAFETY: the filter pointer of the current hook; headers and buffers outlive the call.
+        let result = unsafe {
+            envoy_dynamic_module_callback_http_filter_http_callout(
+                self.0,
+                &mut id,
+                ModuleBuffer::of(cluster.as_bytes()),
+                headers.as_ptr(),
+                headers.len(),
+                ModuleBuffer::of(body),
+                timeout_ms,
+            )
+        };
+        match CalloutInitResult::from_raw(result) {
+            Some(CalloutInitResult::Success) => Ok(id),
+            Some(refused) => Err(refused.describe().to_string()),
+            None => Err(format!("callout refused ({result})")),
+        }
+    }
+
+    /// Resumes the request a hook stopped (after a callout's answer).
+    pub(crate) fn continue_decoding(&self) {
+        // SAFETY: the filter pointer of the current hook.
+        unsafe { envoy_dynamic_module_callback_http_filter_continue_decoding(self.0) };
+    }
+
+    /// Resumes the response a hook stopped (after a callout's answer).
+    pub(crate) fn continue_encoding(&self) {
+        // SAFETY: the filter pointer of the current hook.
+        unsafe { envoy_dynamic_module_callback_http_filter_continue_encoding(self.0) };
+    }
+
     /// Resets the stream (reason LocalReset): for an answer whose headers already went out,
     /// which a local reply can no longer replace.
     pub(crate) fn reset_stream(&self, details: &str) {

@@ -4,6 +4,7 @@
 use super::abi::*;
 use super::handles::{ConfigHandle, FilterHandle};
 use crate::{HttpFilter, ModuleConfig, Registry};
+use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, c_void, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr;
@@ -151,50 +152,162 @@ pub unsafe fn on_config_callout_done(
     }
     // SAFETY: `config` is a live `ModuleConfig` from `on_config_new` (the caller's contract).
     let config = unsafe { &*config.cast::<ModuleConfig>() };
-    let outcome = if result == 0 {
-        let headers: &[EnvoyHeader] = if headers.is_null() || headers_size == 0 {
-            &[]
-        } else {
-            // SAFETY: Envoy passes `headers_size` valid headers, alive for this hook.
-            unsafe { std::slice::from_raw_parts(headers, headers_size) }
-        };
-        let chunks: &[EnvoyBuffer] = if chunks.is_null() || chunks_size == 0 {
-            &[]
-        } else {
-            // SAFETY: Envoy passes `chunks_size` valid buffers, alive for this hook.
-            unsafe { std::slice::from_raw_parts(chunks, chunks_size) }
-        };
-        let mut response = payload_processor_core::CalloutResponse::default();
-        for header in headers {
-            let key = String::from_utf8_lossy(envoy_bytes(EnvoyBuffer {
-                ptr: header.key_ptr,
-                length: header.key_length,
-            }))
-            .into_owned();
-            let value = String::from_utf8_lossy(envoy_bytes(EnvoyBuffer {
-                ptr: header.value_ptr,
-                length: header.value_length,
-            }))
-            .into_owned();
-            if key == ":status" {
-                response.status = value.parse().unwrap_or(0);
-            }
-            response.headers.push((key, value));
-        }
-        for chunk in chunks {
-            response.body.extend_from_slice(envoy_bytes(*chunk));
-        }
-        Ok(response)
-    } else {
-        Err(CalloutResult::from_raw(result).map_or_else(
-            || format!("callout failed ({result})"),
-            |failure| failure.describe().to_string(),
-        ))
-    };
+    // SAFETY: forwarded from the caller.
+    let outcome = unsafe { callout_outcome(result, headers, headers_size, chunks, chunks_size) };
     let handle = ConfigHandle(envoy);
     if catch_unwind(AssertUnwindSafe(|| config.on_callout_done(handle, id, outcome))).is_err() {
         log::error!("payload-processor: panic in background work contained");
     }
+}
+
+/// A callout's answer as Envoy hands it to a done hook, copied out.
+///
+/// # Safety
+/// `headers`/`chunks` must describe `*_size` valid items, alive for the hook.
+unsafe fn callout_outcome(
+    result: i32,
+    headers: *const EnvoyHeader,
+    headers_size: usize,
+    chunks: *const EnvoyBuffer,
+    chunks_size: usize,
+) -> Result<payload_processor_core::CalloutResponse, payload_processor_core::CalloutError> {
+    if result != 0 {
+        return Err(CalloutResult::from_raw(result).map_or_else(
+            || format!("callout failed ({result})"),
+            |failure| failure.describe().to_string(),
+        ));
+    }
+    let headers: &[EnvoyHeader] = if headers.is_null() || headers_size == 0 {
+        &[]
+    } else {
+        // SAFETY: Envoy passes `headers_size` valid headers, alive for this hook.
+        unsafe { std::slice::from_raw_parts(headers, headers_size) }
+    };
+    let chunks: &[EnvoyBuffer] = if chunks.is_null() || chunks_size == 0 {
+        &[]
+    } else {
+        // SAFETY: Envoy passes `chunks_size` valid buffers, alive for this hook.
+        unsafe { std::slice::from_raw_parts(chunks, chunks_size) }
+    };
+    let mut response = payload_processor_core::CalloutResponse::default();
+    for header in headers {
+        let key = String::from_utf8_lossy(envoy_bytes(EnvoyBuffer {
+            ptr: header.key_ptr,
+            length: header.key_length,
+        }))
+        .into_owned();
+        let value = String::from_utf8_lossy(envoy_bytes(EnvoyBuffer {
+            ptr: header.value_ptr,
+            length: header.value_length,
+        }))
+        .into_owned();
+        if key == ":status" {
+            response.status = value.parse().unwrap_or(0);
+        }
+        response.headers.push((key, value));
+    }
+    for chunk in chunks {
+        response.body.extend_from_slice(envoy_bytes(*chunk));
+    }
+    Ok(response)
+}
+
+type EarlyAnswer = (
+    u64,
+    Result<payload_processor_core::CalloutResponse, payload_processor_core::CalloutError>,
+);
+
+thread_local! {
+    /// The filter whose hook runs on this thread right now. Envoy may answer a callout inline,
+    /// while the hook that started it still runs (a cluster with no healthy host answers at
+    /// once); that answer must not touch the filter the hook is using.
+    static IN_HOOK: Cell<*const c_void> = const { Cell::new(ptr::null()) };
+    /// Answers that came inline, delivered once the hook returned.
+    static EARLY: RefCell<Vec<EarlyAnswer>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `work` on `filter` as the hook of this thread, then delivers any answer that came
+/// inline meanwhile.
+fn in_hook<T>(envoy: *mut c_void, filter: &mut HttpFilter, work: impl FnOnce(&mut HttpFilter) -> T) -> T {
+    let pointer: *const c_void = (filter as *const HttpFilter).cast();
+    let outer = IN_HOOK.with(|hook| hook.replace(pointer));
+    let value = work(filter);
+    IN_HOOK.with(|hook| hook.set(outer));
+    while let Some((id, outcome)) = EARLY.with(|early| early.borrow_mut().pop()) {
+        deliver_callout(envoy, filter, id, outcome);
+    }
+    value
+}
+
+/// # Safety
+/// `envoy` and `filter` must be the pointers Envoy passed to `on_http_filter_http_callout_done`;
+/// `headers`/`chunks` must describe `*_size` valid items.
+#[doc(hidden)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn on_filter_callout_done(
+    envoy: *mut c_void,
+    filter: *const c_void,
+    id: u64,
+    result: i32,
+    headers: *const EnvoyHeader,
+    headers_size: usize,
+    chunks: *const EnvoyBuffer,
+    chunks_size: usize,
+) {
+    if filter.is_null() {
+        return;
+    }
+    // SAFETY: forwarded from the caller.
+    let outcome = unsafe { callout_outcome(result, headers, headers_size, chunks, chunks_size) };
+    if IN_HOOK.with(Cell::get) == filter {
+        // Inline, inside a hook of this very filter: keep it for when that hook returns.
+        EARLY.with(|early| early.borrow_mut().push((id, outcome)));
+        return;
+    }
+    // SAFETY: `filter` came from `on_filter_new`, Envoy calls one hook of a stream at a time,
+    // and no hook of this filter runs on this thread (checked above).
+    let filter = unsafe { &mut *filter.cast_mut().cast::<HttpFilter>() };
+    deliver_callout(envoy, filter, id, outcome);
+}
+
+fn deliver_callout(
+    envoy: *mut c_void,
+    filter: &mut HttpFilter,
+    id: u64,
+    outcome: Result<payload_processor_core::CalloutResponse, payload_processor_core::CalloutError>,
+) {
+    if filter.poisoned {
+        return;
+    }
+    let handle = FilterHandle(envoy);
+    let run = catch_unwind(AssertUnwindSafe(|| {
+        in_hook(envoy, filter, |filter| filter.on_callout_done(handle, id, outcome))
+    }));
+    if run.is_err() {
+        filter.poisoned = true;
+        contain_panic(handle, filter.response_headers_sent);
+    }
+}
+
+/// Answers a stream whose hook panicked: a 500, or a reset once the response headers went out.
+fn contain_panic(handle: FilterHandle, response_headers_sent: bool) {
+    if response_headers_sent {
+        log::error!("payload-processor: internal panic contained; resetting the stream");
+        let _ = catch_unwind(AssertUnwindSafe(|| {
+            handle.reset_stream("payload_processor.internal_panic")
+        }));
+        return;
+    }
+    log::error!("payload-processor: internal panic contained; answering 500");
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        let body = br#"{"error":{"message":"payload processor internal error","type":"server_error","code":"internal_error"}}"#;
+        handle.send_response(
+            500,
+            &[("content-type".into(), "application/json".into())],
+            body,
+            "payload_processor.internal_panic",
+        );
+    }));
 }
 
 /// Which stream event a hook reports.
@@ -236,28 +349,13 @@ pub unsafe fn on_event_status(envoy: *mut c_void, filter: *const c_void, event: 
         return continue_status(event);
     }
     let handle = FilterHandle(envoy);
-    match catch_unwind(AssertUnwindSafe(|| filter.on_event(handle, event))) {
+    match catch_unwind(AssertUnwindSafe(|| {
+        in_hook(envoy, filter, |filter| filter.on_event(handle, event))
+    })) {
         Ok(status) => status,
         Err(_) => {
             filter.poisoned = true;
-            if filter.response_headers_sent {
-                // The status went out already: a local reply cannot replace it.
-                log::error!("payload-processor: internal panic contained; resetting the stream");
-                let _ = catch_unwind(AssertUnwindSafe(|| {
-                    handle.reset_stream("payload_processor.internal_panic")
-                }));
-                return crate::panic_status(event);
-            }
-            log::error!("payload-processor: internal panic contained; answering 500");
-            let _ = catch_unwind(AssertUnwindSafe(|| {
-                let body = br#"{"error":{"message":"payload processor internal error","type":"server_error","code":"internal_error"}}"#;
-                handle.send_response(
-                    500,
-                    &[("content-type".into(), "application/json".into())],
-                    body,
-                    "payload_processor.internal_panic",
-                );
-            }));
+            contain_panic(handle, filter.response_headers_sent);
             crate::panic_status(event)
         }
     }
@@ -368,16 +466,18 @@ macro_rules! export_envoy_dynamic_module {
             #[no_mangle]
             extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(_e: *mut c_void, _f: *const c_void) {}
             #[no_mangle]
-            extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
-                _e: *mut c_void,
-                _f: *const c_void,
-                _id: u64,
-                _result: i32,
-                _headers: *mut EnvoyHeader,
-                _headers_size: usize,
-                _body: *mut EnvoyBuffer,
-                _body_size: usize,
+            unsafe extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
+                e: *mut c_void,
+                f: *const c_void,
+                id: u64,
+                result: i32,
+                headers: *mut EnvoyHeader,
+                headers_size: usize,
+                body: *mut EnvoyBuffer,
+                body_size: usize,
             ) {
+                // SAFETY: the pointers Envoy passed to this hook, forwarded as they came.
+                unsafe { ffi::on_filter_callout_done(e, f, id, result, headers, headers_size, body, body_size) }
             }
             #[no_mangle]
             extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(
