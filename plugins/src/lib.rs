@@ -6,6 +6,7 @@
 pub mod base_model_to_header;
 pub mod body_field_to_header;
 pub mod body_mutation;
+pub mod callout;
 mod common;
 pub mod embedding;
 pub mod endpoint_picker;
@@ -20,6 +21,7 @@ pub mod semantic_router;
 pub mod token_usage;
 
 // The guard family's public parts keep their paths.
+pub use callout::{ext_authz_body, http_callout, llama_guard, openai_moderation, presidio};
 pub use guard::{injection_classifier, pii, pii_guard, prompt_guard};
 
 #[cfg(test)]
@@ -59,6 +61,11 @@ pub fn register_builtins(registry: &mut Registry) {
         endpoint_picker,
         semantic_router,
         response_cache,
+        http_callout,
+        openai_moderation,
+        llama_guard,
+        presidio,
+        ext_authz_body,
     );
 }
 

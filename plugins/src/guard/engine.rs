@@ -140,6 +140,23 @@ const REQUEST_PATHS: &[&str] = &[
     "$.input[*].content",
     "$.system",
 ];
+/// The paths of the text the guards inspect by default in a JSON body of `direction` (the
+/// prompt and system text of requests; the assistant text of responses), compiled once.
+pub(crate) fn inspected_paths(direction: Direction) -> &'static [SelectPath] {
+    static REQUEST: std::sync::OnceLock<Vec<SelectPath>> = std::sync::OnceLock::new();
+    static RESPONSE: std::sync::OnceLock<Vec<SelectPath>> = std::sync::OnceLock::new();
+    let (cell, texts) = match direction {
+        Direction::Request => (&REQUEST, REQUEST_PATHS),
+        Direction::Response => (&RESPONSE, RESPONSE_PATHS),
+    };
+    cell.get_or_init(|| {
+        texts
+            .iter()
+            .map(|text| SelectPath::parse(text).expect("built-in paths parse"))
+            .collect()
+    })
+}
+
 /// Assistant text of buffered responses: chat, completions, Anthropic, responses API.
 const RESPONSE_PATHS: &[&str] = &[
     "$.choices[*].message.content",
@@ -452,7 +469,8 @@ struct GuardState {
 
 /// Calls `visit` for every text inside a selected value: a string, a list of strings, or
 /// content parts / blocks with a `text` member.
-fn each_text<'v>(value: &'v Value, visit: &mut dyn FnMut(&'v str)) {
+/// Visits the strings of one selected value: a string, or the `text` of content parts.
+pub(crate) fn each_text<'v>(value: &'v Value, visit: &mut dyn FnMut(&'v str)) {
     match value {
         Value::String(text) => visit(text),
         Value::Array(items) => {
@@ -477,7 +495,8 @@ fn each_text<'v>(value: &'v Value, visit: &mut dyn FnMut(&'v str)) {
     }
 }
 
-fn each_text_mut(value: &mut Value, visit: &mut dyn FnMut(&mut String)) {
+/// [`each_text`] for editing.
+pub(crate) fn each_text_mut(value: &mut Value, visit: &mut dyn FnMut(&mut String)) {
     match value {
         Value::String(text) => visit(text),
         Value::Array(items) => {
