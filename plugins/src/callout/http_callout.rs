@@ -344,7 +344,7 @@ impl Plugin for HttpCallout {
             status: response.status,
         };
         for (header, template) in &self.set_headers {
-            let value = template.render_text(&scope);
+            let value = template.render_line(&scope);
             if value.is_empty() {
                 ctx.remove_header(header);
             } else {
@@ -352,7 +352,7 @@ impl Plugin for HttpCallout {
             }
         }
         for (key, template) in &self.set_metadata {
-            ctx.set_metadata(&self.namespace, key, &template.render_text(&scope));
+            ctx.set_metadata(&self.namespace, key, &template.render_line(&scope));
         }
         for field in &self.set_body_fields {
             if field.skip_empty && !field.value.found_anything(&scope) {

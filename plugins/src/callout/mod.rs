@@ -252,15 +252,17 @@ impl Expr {
     }
 }
 
-/// A value as text inside a string: strings as they are, lists of strings one per line,
-/// `null` as nothing, anything else as JSON.
-fn as_text(value: &Value) -> String {
+/// A value as text inside a string: strings as they are, lists of strings joined by
+/// `separator`, `null` as nothing, anything else as JSON.
+fn joined(value: &Value, separator: &str) -> String {
     match value {
         Value::Null => String::new(),
         Value::String(text) => text.clone(),
-        Value::Array(items) if items.iter().all(Value::is_string) => {
-            items.iter().filter_map(Value::as_str).collect::<Vec<_>>().join("\n")
-        }
+        Value::Array(items) if items.iter().all(Value::is_string) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join(separator),
         other => other.to_string(),
     }
 }
@@ -321,6 +323,11 @@ impl Template {
 
     /// The value for one scope.
     pub(crate) fn render(&self, scope: &Scope<'_>) -> Value {
+        self.render_joining(scope, "\n")
+    }
+
+    /// Renders, writing lists of strings inside text joined by `separator`.
+    fn render_joining(&self, scope: &Scope<'_>, separator: &str) -> Value {
         match self {
             Template::Literal(value) => value.clone(),
             Template::Whole(expr) => expr.eval(scope),
@@ -329,16 +336,18 @@ impl Template {
                 for part in parts {
                     match part {
                         Part::Literal(text) => out.push_str(text),
-                        Part::Expr(expr) => out.push_str(&as_text(&expr.eval(scope))),
+                        Part::Expr(expr) => out.push_str(&joined(&expr.eval(scope), separator)),
                     }
                 }
                 Value::String(out)
             }
-            Template::Array(items) => Value::Array(items.iter().map(|item| item.render(scope)).collect()),
+            Template::Array(items) => {
+                Value::Array(items.iter().map(|item| item.render_joining(scope, separator)).collect())
+            }
             Template::Object(members) => Value::Object(
                 members
                     .iter()
-                    .map(|(key, item)| (key.clone(), item.render(scope)))
+                    .map(|(key, item)| (key.clone(), item.render_joining(scope, separator)))
                     .collect(),
             ),
         }
@@ -384,9 +393,9 @@ impl Template {
         }
     }
 
-    /// The value as text (for headers and metadata).
-    pub(crate) fn render_text(&self, scope: &Scope<'_>) -> String {
-        as_text(&self.render(scope))
+    /// The value as one line (for headers and metadata): list items joined by commas.
+    pub(crate) fn render_line(&self, scope: &Scope<'_>) -> String {
+        joined(&self.render_joining(scope, ","), ",")
     }
 }
 

@@ -95,7 +95,7 @@ fn http_callout_builds_the_call_from_templates_and_maps_the_answer() {
         host.metadata
             .get(&("envoy.payload_processor.callout".into(), "sources".into()))
             .map(String::as_str),
-        Some("d1\nd2")
+        Some("d1,d2")
     );
 }
 
