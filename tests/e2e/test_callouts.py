@@ -11,7 +11,7 @@ import openai
 import pytest
 import requests
 
-from harness import bootstrap, cluster, model_routes, processor_filter
+from harness import WASM_HOLD_HEADERS, bootstrap, cluster, model_routes, processor_filter
 from harness.callout_servers import PresidioServer, ServiceMocks
 from harness.mock_server import MockServer
 
@@ -47,6 +47,17 @@ def upstream_body(response):
     return json.loads(response.json()["body"])
 
 
+def holds(form):
+    """Whether the request headers wait for the chain. Not with the .wasm as Envoy Gateway
+    configures it (scripts/test_matrix.sh runs that shape): the headers go upstream first, and
+    a request the chain refuses is reset there without its body."""
+    return form == "dynamic-module" or WASM_HOLD_HEADERS
+
+
+def no_body_reached(server, since):
+    return all(not request["body"] for request in server.requests[since:])
+
+
 def test_moderation_rejects_a_flagged_prompt_and_the_openai_client_sees_a_proper_error(form, services, start_envoy):
     envoy = start(form, start_envoy, services, [
         {"name": "moderate", "type": "openai-moderation",
@@ -58,7 +69,7 @@ def test_moderation_rejects_a_flagged_prompt_and_the_openai_client_sees_a_proper
     assert caught.value.status_code == 400
     assert caught.value.code == "content_flagged"
     assert "(harassment)" in caught.value.message
-    assert len(services["upstream"].requests) == seen, "a flagged prompt never reaches the model"
+    assert no_body_reached(services["upstream"], seen), "a flagged prompt never reaches the model"
     call = services["mocks"].requests[-1]
     assert call["path"] == "/v1/moderations" and call["headers"]["authorization"] == "Bearer sk-test"
     assert call["body"] == {"input": "you stupid idiot", "model": "omni-moderation-latest"}
@@ -112,33 +123,51 @@ def test_presidio_rejects_when_asked(form, services, start_envoy):
 
 
 def test_rag_context_is_inserted(form, services, start_envoy):
+    # The guard after the callout runs on the resumed request: it masks the address one of
+    # the retrieved documents holds. Headers from the answer need the request headers held.
+    retrieve = {"cluster": "services", "path": "/search",
+                "body": {"query": "{{ $.messages[-1].content }}", "k": 2},
+                "setBodyFields": [{"path": "$.messages", "action": "Prepend",
+                                   "value": {"role": "system", "content": "Answer from:\n{{ $.documents[*].text }}"}}]}
+    if holds(form):
+        retrieve["setHeaders"] = {"x-rag-sources": "{{ $.documents[*].id }}"}
     envoy = start(form, start_envoy, services, [
-        {"name": "retrieve", "type": "http-callout", "parameters": {
-            "cluster": "services", "path": "/search",
-            "body": {"query": "{{ $.messages[-1].content }}", "k": 2},
-            "setBodyFields": [{"path": "$.messages", "action": "Prepend",
-                               "value": {"role": "system", "content": "Answer from:\n{{ $.documents[*].text }}"}}],
-            "setHeaders": {"x-rag-sources": "{{ $.documents[*].id }}"}}},
-        {"name": "route", "type": "body-field-to-header"}])
+        {"name": "retrieve", "type": "http-callout", "parameters": retrieve},
+        {"name": "emails", "type": "pii-guard", "parameters": {"entities": ["Email"], "action": "Mask"}}])
     response = chat(envoy, "how long do refunds take?")
     assert response.status_code == 200, response.text
     messages = upstream_body(response)["messages"]
     assert messages[0] == {"role": "system", "content": "Answer from:\nRefunds are processed within 5 business days."
-                                                        "\nPremium support is available 24/7."}
+                                                        "\nPremium support: write to [EMAIL]."}, messages[0]
     assert messages[1]["content"] == "how long do refunds take?"
     headers = response.json()["headers"]
-    assert headers["x-rag-sources"] == "kb-1,kb-2"
-    assert headers["x-gateway-model-name"] == "m", "the processor after the callout ran on the resumed request"
-    assert int(headers["content-length"]) == response.json()["body_length"]
+    if holds(form):
+        assert headers["x-rag-sources"] == "kb-1,kb-2"
+        assert int(headers["content-length"]) == response.json()["body_length"]
+
+
+def test_a_callout_that_sets_headers_says_when_the_headers_cannot_wait(form, services, start_envoy):
+    if holds(form):
+        pytest.skip("only with the .wasm as Envoy Gateway configures it")
+    envoy = start(form, start_envoy, services, [
+        {"name": "authz", "type": "ext-authz-body",
+         "parameters": {"cluster": "services", "path": "/authz", "bodyFields": ["model"]}}])
+    response = chat(envoy, "hi", headers={"authorization": "Bearer good"})
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "headers_hold_unavailable"
+    assert "processor authz" in response.json()["error"]["message"]
 
 
 def test_ext_authz_body_allows_and_denies(form, services, start_envoy):
-    envoy = start(form, start_envoy, services, [
-        {"name": "authz", "type": "ext-authz-body",
-         "parameters": {"cluster": "services", "path": "/authz", "bodyFields": ["model", "$.metadata.tenant"]}}])
+    # Without the hold, the service only allows or denies (`upstreamHeaders: []`).
+    parameters = {"cluster": "services", "path": "/authz", "bodyFields": ["model", "$.metadata.tenant"]}
+    if not holds(form):
+        parameters["upstreamHeaders"] = []
+    envoy = start(form, start_envoy, services, [{"name": "authz", "type": "ext-authz-body", "parameters": parameters}])
     allowed = chat(envoy, "hi", headers={"authorization": "Bearer good"}, metadata={"tenant": "t1"})
     assert allowed.status_code == 200, allowed.text
-    assert allowed.json()["headers"]["x-user-id"] == "user-of-t1"
+    if holds(form):
+        assert allowed.json()["headers"]["x-user-id"] == "user-of-t1"
     call = services["mocks"].requests[-1]
     assert call["path"] == "/authz/v1/chat/completions" and call["method"] == "POST"
     assert call["body"] == {"model": "m", "metadata.tenant": "t1"}
@@ -189,5 +218,5 @@ def test_a_client_gone_during_the_callout_leaves_nothing_behind(form, services, 
             time.sleep(0.2)  # the callout is out now
     time.sleep(1.0)  # the service answers after the clients left
     assert envoy.alive()
-    assert len(services["upstream"].requests) == seen, "an abandoned request never goes upstream"
+    assert no_body_reached(services["upstream"], seen), "an abandoned request never goes upstream"
     assert chat(envoy, "hello").status_code == 200

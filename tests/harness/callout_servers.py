@@ -32,7 +32,7 @@ MODERATION_WORDS = {"harassment": ["idiot", "stupid"], "violence": ["kill", "hur
 # Llama Guard 3 codes: S1 violent crimes, S2 non-violent crimes, S9 indiscriminate weapons.
 GUARD_WORDS = {"S1": ["murder"], "S2": ["steal", "shoplift"], "S9": ["bomb", "nerve agent"]}
 DOCUMENTS = [{"id": "kb-1", "text": "Refunds are processed within 5 business days."},
-             {"id": "kb-2", "text": "Premium support is available 24/7."}]
+             {"id": "kb-2", "text": "Premium support: write to help@example.com."}]
 TENANT_MODELS = {"t1": ["gpt-4o", "m"], "t2": ["m"]}
 
 
