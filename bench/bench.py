@@ -74,6 +74,15 @@ EPP_LOCATION = f"location = /metrics {{ default_type text/plain; return 200 '{EP
 EPP_CHAIN = (ROUTE_CHAIN
              + "  - {name: epp, type: endpoint-picker, parameters: {endpoints: [{{EPP_ENDPOINTS}}], "
              + "metricsCluster: pool, staleAfter: 1s}}\n")
+# One moderation callout per request (variants "callout_*"): the openai-moderation processor in
+# process (both forms), against the same job done by an ext_proc sidecar that calls the same
+# service (bench-extproc-server --moderate). The service is nginx with a fixed "not flagged"
+# answer, so what differs is the hop, not the model.
+MODERATION_CHAIN = "processors:\n  - {name: moderate, type: openai-moderation, parameters: {cluster: moderation}}\n"
+MODERATION_REPLY = ('{"id":"modr-bench","model":"omni-moderation-latest","results":[{"flagged":false,'
+                    '"categories":{"harassment":false,"violence":false},'
+                    '"category_scores":{"harassment":0.001,"violence":0.001}}]}')
+MODERATION_LOCATION = f"location = /v1/moderations {{ default_type application/json; return 200 '{MODERATION_REPLY}'; }}"
 NGINX_REPLY = ('{"id":"chatcmpl-bench","object":"chat.completion","model":"llama-3-8b","choices":[{"index":0,'
                '"message":{"role":"assistant","content":"ok"},"finish_reason":"stop"}],'
                '"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}')
@@ -178,11 +187,13 @@ http {{
 
 
 class ExtProcServer:
-    """The gRPC ext_proc body router (bench/extproc-server)."""
+    """The gRPC ext_proc server (bench/extproc-server): the body router, or with `extra` args
+    (`--moderate URL`) the moderation sidecar."""
 
-    def __init__(self):
+    def __init__(self, extra=()):
         self.port = free_port()
-        self.proc = subprocess.Popen(on_load_cpu([str(BENCH_BIN / "bench-extproc-server"), f"127.0.0.1:{self.port}"]),
+        self.proc = subprocess.Popen(on_load_cpu([str(BENCH_BIN / "bench-extproc-server"), f"127.0.0.1:{self.port}",
+                                                  *extra]),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port, self.proc, "ext_proc server")
 
@@ -259,11 +270,14 @@ def variants():
         "stream_usage_dynamic_module": ([processor_filter("dynamic-module", USAGE_CHAIN)], [], False, STREAM_PATH),
         "epp_wasm": ([processor_filter("wasm", EPP_CHAIN)], [pool_route], False),
         "epp_dynamic_module": ([processor_filter("dynamic-module", EPP_CHAIN)], [pool_route], False),
+        "callout_dynamic_module": ([processor_filter("dynamic-module", MODERATION_CHAIN)], [], True),
+        "callout_wasm": ([processor_filter("wasm", MODERATION_CHAIN)], [], True),
+        "callout_ext_proc": ([ext_proc], [], True),
     }
 
 
 def envoy_config(filters, extra_routes, nginx_port, extproc_port):
-    clusters = [cluster("upstream", nginx_port), {
+    clusters = [cluster("upstream", nginx_port), cluster("moderation", nginx_port), {
         "name": "pool", "connect_timeout": "2s", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
         "original_dst_lb_config": {"use_http_header": True, "http_header_name": "x-gateway-destination-endpoint"}}]
     if extproc_port:
@@ -328,7 +342,12 @@ class Variant:
         filters, extra_routes, self.send_header = spec[:3]
         path = spec[3] if len(spec) > 3 else "/v1/chat/completions"
         self.name = name
-        self.extproc = ExtProcServer() if name == "ext_proc" else None
+        if name == "ext_proc":
+            self.extproc = ExtProcServer()
+        elif name == "callout_ext_proc":
+            self.extproc = ExtProcServer(["--moderate", f"http://127.0.0.1:{nginx.port}/v1/moderations"])
+        else:
+            self.extproc = None
         config = json.dumps(envoy_config(filters, extra_routes, nginx.port,
                                          self.extproc.port if self.extproc else None))
         config = config.replace("{{EPP_ENDPOINTS}}", ", ".join(f"'127.0.0.1:{port}'" for port in nginx.ports))
@@ -485,7 +504,8 @@ def write_outputs(out, meta, rows):
 # ext_proc sidecar, both forms routing, guards, a stream, the endpoint picker); the full run
 # measures them all.
 QUICK_VARIANTS = ["plain", "buffer", "ext_proc", "dynamic_module", "wasm", "guards_dynamic_module",
-                  "stream_plain", "stream_usage_dynamic_module", "epp_dynamic_module"]
+                  "stream_plain", "stream_usage_dynamic_module", "epp_dynamic_module", "callout_dynamic_module",
+                  "callout_ext_proc"]
 
 
 def main():
@@ -503,6 +523,7 @@ def main():
                         help="skip the open-loop latency runs (CPU and req/s only; faster)")
     parser.add_argument("--profile", action="store_true",
                         help="also record a perf profile of Envoy per variant and body (target/profiles/)")
+    parser.add_argument("--title", default="Body-based routing in Envoy 1.40", help="the table's title")
     parser.add_argument("--render", metavar="JSON", help="only re-render the table and chart from a results JSON")
     args = parser.parse_args()
     if args.render:
@@ -523,7 +544,7 @@ def main():
             path = work / f"{size}-{position}.json"
             path.write_bytes(chat_body(SIZES[size], position == "last"))
             bodies.append((size, position, path))
-    nginx = Nginx(STREAM_LOCATION + EPP_LOCATION, extra_ports=EPP_PORTS - 1)
+    nginx = Nginx(STREAM_LOCATION + EPP_LOCATION + MODERATION_LOCATION, extra_ports=EPP_PORTS - 1)
     all_variants = variants()
     if args.variants:
         chosen = args.variants.split(",")
@@ -538,7 +559,7 @@ def main():
     version_text = subprocess.run([str(ROOT / ".venv" / "bin" / "envoy"), "--version"], capture_output=True,
                                   text=True).stdout
     envoy_version = m.group(1) if (m := re.search(r"/(\d+\.\d+\.\d+)/", version_text)) else "?"
-    meta = {"title": "Body-based routing in Envoy 1.40",
+    meta = {"title": args.title,
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}",
             "envoy": envoy_version, "connections": args.connections, "seconds": args.seconds,

@@ -7,7 +7,8 @@
 #   scripts/test_matrix.sh            the full suite on every version (about 10 min a version)
 #   scripts/test_matrix.sh --short    CI: on every version, routing, guards (request and streamed
 #                                     answer), token usage, the endpoint picker, semantic routing
-#                                     and the response cache (model fetched through a cluster), the
+#                                     and the response cache (model fetched through a cluster),
+#                                     service callouts (moderation, Presidio, authorization, budget), the
 #                                     bad-config table and the ABI checks; the Envoy Gateway shape on 1.39; and
 #                                     on 1.40 the chains that do not re-route with the wasm filter as
 #                                     Envoy Gateway configures it (no allow_on_headers_stop_iteration)
@@ -24,11 +25,12 @@ select=()
 if [ "$short" = 1 ]; then
   files=(tests/e2e/test_routing.py tests/e2e/test_guards.py tests/e2e/test_response_path.py
          tests/e2e/test_endpoint_picker.py tests/e2e/test_config.py tests/e2e/test_abi.py
-         tests/e2e/test_semantic_router.py tests/e2e/test_response_cache.py)
+         tests/e2e/test_semantic_router.py tests/e2e/test_response_cache.py tests/e2e/test_callouts.py)
   tests="test_routing or test_abi or refuses_bad_config or each_recognizer or rejection_is_an_openai_error"
   tests+=" or official_client_streams or streamed_rejection or openai_chat_usage or anthropic_usage"
   tests+=" or rejected_openai_stream or picks_follow or client_supplied"
   tests+=" or fetched_through_a_cluster or hits_and_misses or two_workers"
+  tests+=" or moderation_rejects or presidio_masks or ext_authz_body_allows or budget"
   select=(-k "$tests")
 fi
 
@@ -88,7 +90,7 @@ done
 # it (no allow_on_headers_stop_iteration); tests of what needs the hold are skipped
 # (tests/e2e/conftest.py, needs_headers_hold). The full mode also runs it on 1.39.
 no_hold=(tests/e2e/test_guards.py tests/e2e/test_response_path.py tests/e2e/test_transforms.py
-         tests/e2e/test_transform_fixtures.py tests/e2e/test_response_cache.py)
+         tests/e2e/test_transform_fixtures.py tests/e2e/test_response_cache.py tests/e2e/test_callouts.py)
 no_hold_envoys=("$PWD/.venv/bin/envoy")
 [ "$short" = 1 ] || no_hold_envoys+=("$(ls "$PWD"/.matrix/envoy-1.39.3/lib/python3*/site-packages/envoy/_bin/envoy)")
 for binary in "${no_hold_envoys[@]}"; do
