@@ -29,6 +29,19 @@ scripts/injection_train.sh --quick
 # The ext_proc server of the benchmark also stands in front of our filter in the Envoy Gateway
 # tests (EG orders ext_proc first).
 CARGO_TARGET_DIR=target/bench cargo build --release --locked --manifest-path bench/Cargo.toml -p bench-extproc-server
-.venv/bin/python -m pytest tests/e2e -v -p no:cacheprovider "$@"
+# The .wasm cases and everything else run side by side (most of a test is Envoy starting and
+# servers waiting); each shard writes its own log, printed when both are done.
+logs=$(mktemp -d)
+E2E_SHARD=wasm .venv/bin/python -m pytest tests/e2e -v -p no:cacheprovider "$@" > "$logs/wasm.log" 2>&1 &
+wasm_shard=$!
+rest_rc=0 wasm_rc=0
+E2E_SHARD=rest .venv/bin/python -m pytest tests/e2e -v -p no:cacheprovider "$@" > "$logs/rest.log" 2>&1 || rest_rc=$?
+wait "$wasm_shard" || wasm_rc=$?
+echo "=== end-to-end tests: the .so and form-independent ones"; cat "$logs/rest.log"
+echo "=== end-to-end tests: the .wasm"; cat "$logs/wasm.log"
+if [ "$rest_rc" != 0 ] || [ "$wasm_rc" != 0 ]; then
+  echo "end-to-end tests failed (rest: $rest_rc, wasm: $wasm_rc)" >&2
+  exit 1
+fi
 # The other Envoy releases of the support matrix (1.36 to 1.39), short mode.
 scripts/test_matrix.sh --short

@@ -186,6 +186,29 @@ fn run_shows_a_rejection_as_the_local_reply() {
 }
 
 #[test]
+fn run_says_it_sends_no_callouts_and_follows_the_failure_mode() {
+    let request = file("callout.json", REQUEST);
+    for (mode, status) in [("FailClosed", Some(503u64)), ("FailOpen", None)] {
+        let chain = file(
+            &format!("callout-{mode}.yaml"),
+            &format!("processors: [{{name: moderate, type: openai-moderation, failureMode: {mode}, parameters: {{cluster: moderation}}}}]"),
+        );
+        let out = cli(&["run", arg(&chain), "--request", arg(&request), "--json"]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["processors"][0]["outcome"], "callout to moderation");
+        assert_eq!(report["localReply"]["status"].as_u64(), status);
+        match status {
+            Some(_) => {
+                let message = report["localReply"]["body"]["error"]["message"].as_str().unwrap();
+                assert!(message.contains("sends no callouts"), "{message}");
+            }
+            None => assert!(!report["request"].is_null(), "fail open: the request goes on"),
+        }
+    }
+}
+
+#[test]
 fn run_feeds_buffered_and_streamed_responses() {
     let chain = file(
         "response.yaml",

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from harness import FORMS, WASM_HOLD_HEADERS, Envoy
@@ -11,11 +13,31 @@ from harness.mock_server import MockServer
 NEEDS_HEADERS_HOLD = "needs_headers_hold"
 
 
+def shard_tests(config, items):
+    """E2E_SHARD=wasm keeps the .wasm cases of form-parametrized tests; E2E_SHARD=rest keeps
+    everything else. scripts/test.sh runs the two shards side by side: together they run every
+    test exactly once."""
+    shard = os.environ.get("E2E_SHARD")
+    if not shard:
+        return
+    if shard not in ("wasm", "rest"):
+        raise pytest.UsageError(f"E2E_SHARD must be wasm or rest, not {shard!r}")
+
+    def is_wasm(item):
+        callspec = getattr(item, "callspec", None)
+        return bool(callspec) and callspec.params.get("form") == "wasm"
+
+    keep = [item for item in items if is_wasm(item) == (shard == "wasm")]
+    config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+    items[:] = keep
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", f"{NEEDS_HEADERS_HOLD}: needs the headers held until the body is read")
 
 
 def pytest_collection_modifyitems(config, items):
+    shard_tests(config, items)
     if WASM_HOLD_HEADERS:
         return
     skip = pytest.mark.skip(reason="needs allow_on_headers_stop_iteration, which this run leaves out")
