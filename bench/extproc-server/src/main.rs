@@ -40,10 +40,14 @@ enum Job {
     /// Body-based routing.
     Route,
     /// Moderation through an HTTP service (a pooled keep-alive client).
-    Moderate {
-        url: hyper::Uri,
-        client: Client<HttpConnector, Full<Bytes>>,
-    },
+    Moderate(Box<Moderation>),
+}
+
+/// Where the moderation sidecar asks, and its client.
+#[derive(Clone)]
+struct Moderation {
+    url: hyper::Uri,
+    client: Client<HttpConnector, Full<Bytes>>,
 }
 
 struct BodyRouter {
@@ -162,8 +166,8 @@ impl ExternalProcessor for BodyRouter {
             while let Some(Ok(message)) = incoming.next().await {
                 let Some(phase) = message.request else { continue };
                 let response = match (&job, phase) {
-                    (Job::Moderate { url, client }, Phase::RequestBody(body)) => Some(
-                        moderate(client, url, &body.body)
+                    (Job::Moderate(moderation), Phase::RequestBody(body)) => Some(
+                        moderate(&moderation.client, &moderation.url, &body.body)
                             .await
                             .unwrap_or_else(|| Reply::RequestBody(BodyResponse::default())),
                     ),
@@ -187,10 +191,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let address = args.get(1).map_or("127.0.0.1:50051", String::as_str).parse()?;
     let job = match args.iter().position(|a| a == "--moderate") {
-        Some(at) => Job::Moderate {
+        Some(at) => Job::Moderate(Box::new(Moderation {
             url: args.get(at + 1).ok_or("--moderate needs a URL")?.parse()?,
             client: Client::builder(TokioExecutor::new()).build_http(),
-        },
+        })),
         None => Job::Route,
     };
     let what = if matches!(job, Job::Route) {
