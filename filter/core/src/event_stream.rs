@@ -69,10 +69,31 @@ pub(crate) struct EventStream {
     pub(crate) finished: bool,
     /// True after giving up parsing (an oversized event under FailOpen): bytes flow unchanged.
     pub(crate) passthrough: bool,
+    /// Events ready to go through the processors from a position on (`processors[position]`):
+    /// new events enter at 0; events a processor emitted or released enter after it.
+    pub(crate) pending: VecDeque<(usize, SseEvent)>,
+    /// Per position, the events that processor holds until a callout's answer (or the end).
+    pub(crate) gates: Vec<Vec<SseEvent>>,
+    /// The upstream's end reached the filter (data with end of stream, or trailers).
+    pub(crate) ended: bool,
+    /// Where telling the processors the stream ended has got to.
+    pub(crate) end: StreamEnd,
+}
+
+/// Telling the processors a stream ended, one after the other (a processor may call out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StreamEnd {
+    /// Not yet.
+    NotYet,
+    /// The processor at this position is next.
+    Next(usize),
+    /// Every processor was told.
+    Done,
 }
 
 impl EventStream {
     pub(crate) fn new(max_event_bytes: usize, hold_back: usize, protocol: Api, processors: Vec<usize>) -> Self {
+        let gates = processors.iter().map(|_| Vec::new()).collect();
         Self {
             processors,
             parser: SseParser::new(max_event_bytes),
@@ -85,6 +106,21 @@ impl EventStream {
             started: false,
             finished: false,
             passthrough: false,
+            pending: VecDeque::new(),
+            gates,
+            ended: false,
+            end: StreamEnd::NotYet,
+        }
+    }
+
+    /// Moves what processor `position` holds to the front of the pending events, to go on
+    /// through the processors after it.
+    pub(crate) fn release_gate(&mut self, position: usize) {
+        let Some(gate) = self.gates.get_mut(position) else {
+            return;
+        };
+        for event in std::mem::take(gate).into_iter().rev() {
+            self.pending.push_front((position + 1, event));
         }
     }
 

@@ -81,6 +81,19 @@ pub enum EventDecision {
     /// the stream ends with a terminal event the client's SDK understands, carrying the
     /// reply's error code and message.
     Reject(LocalReply),
+    /// Keep this event at this processor: neither later processors nor the client see it
+    /// until this processor's held events are released (a callout's answer that continues,
+    /// [`EventDecision::Release`], or the stream's end). While a processor holds events, later
+    /// events it continues are held too: an event never overtakes one held before it.
+    Hold,
+    /// Let this event, and every event this processor holds, go on now, in order.
+    Release,
+    /// Hold this event and send this HTTP request; no later event is processed until the
+    /// answer, which comes to [`Plugin::on_callout_done`]: continuing releases what this
+    /// processor holds, rejecting ends the stream and nothing held reaches the client. A call
+    /// that fails follows the failure mode (fail-open releases what is held). This is how a
+    /// processor has a service approve a streamed answer window by window.
+    Callout(CalloutRequest),
 }
 
 /// A reply the proxy sends instead of forwarding.
@@ -127,8 +140,8 @@ pub enum Decision {
     /// The wait is bounded by the request's `timeout` and by the processor's `timeout`
     /// budget, whichever is shorter. A callout that cannot start, times out or is reset is a
     /// failure of this processor, handled by its failure mode; the answer's status is the
-    /// plugin's to judge. Allowed on the request and on a buffered response (not from events
-    /// of a streamed response).
+    /// plugin's to judge. Allowed on the request, on a buffered response, and at the end of a
+    /// streamed one (events call out with [`EventDecision::Callout`]).
     Callout(CalloutRequest),
 }
 
@@ -198,7 +211,9 @@ pub trait Plugin: Send + Sync {
     fn on_response_event(&self, _ctx: &mut Context<'_>, _event: &mut SseEvent) -> Result<EventDecision, PluginError> {
         Ok(EventDecision::Continue)
     }
-    /// Runs once when a streamed response ended normally (not after a rejection).
+    /// Runs once when a streamed response ended normally (not after a rejection). May return
+    /// [`Decision::Callout`] to have the last window approved; continuing releases every event
+    /// this processor holds.
     fn on_stream_end(&self, _ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
         Ok(Decision::Continue)
     }

@@ -362,3 +362,232 @@ fn a_stream_dropped_while_parked_answers_nothing() {
     drop(stream);
     assert!(host.reply.is_none());
 }
+
+/// Holds a streamed answer and has a service approve it two events at a time (and the rest
+/// at the end): `{"allow": bool}`.
+struct Windows;
+
+#[derive(Default)]
+struct WindowText {
+    text: String,
+    events: usize,
+}
+
+impl Windows {
+    fn ask(ctx: &mut Context<'_>) -> CalloutRequest {
+        let text = std::mem::take(&mut ctx.state::<WindowText>().text);
+        CalloutRequest {
+            cluster: "svc".into(),
+            method: "POST".into(),
+            path: "/approve".into(),
+            authority: "svc".into(),
+            headers: vec![],
+            body: text.into_bytes(),
+            timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+impl Plugin for Windows {
+    fn stream_need(&self) -> Option<StreamNeed> {
+        Some(StreamNeed::default())
+    }
+    fn on_response_event(&self, ctx: &mut Context<'_>, event: &mut SseEvent) -> Result<EventDecision, PluginError> {
+        let word = event
+            .json()
+            .ok()
+            .and_then(|doc| {
+                doc.pointer("/choices/0/delta/content")
+                    .and_then(Value::as_str)
+                    .map(String::from)
+            })
+            .unwrap_or_default();
+        let state = ctx.state::<WindowText>();
+        state.text.push_str(&word);
+        state.events += 1;
+        if state.events % 2 == 0 || event.is_terminal() {
+            return Ok(EventDecision::Callout(Self::ask(ctx)));
+        }
+        Ok(EventDecision::Hold)
+    }
+    fn on_callout_done(&self, _ctx: &mut Context<'_>, response: CalloutResponse) -> Result<Decision, PluginError> {
+        let verdict: Value = serde_json::from_slice(&response.body).unwrap_or_default();
+        if verdict["allow"] == json!(true) {
+            Ok(Decision::Continue)
+        } else {
+            Ok(Decision::Reject(LocalReply::json_error(
+                400,
+                "content_flagged",
+                "flagged",
+            )))
+        }
+    }
+    fn on_stream_end(&self, ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
+        if ctx.state::<WindowText>().text.is_empty() {
+            return Ok(Decision::Continue);
+        }
+        Ok(Decision::Callout(Self::ask(ctx)))
+    }
+}
+
+fn window_chain(mode: &str) -> Arc<Chain> {
+    let mut registry = registry();
+    registry
+        .register(
+            "windows",
+            |_: &Value, _: &mut BuildContext| -> Result<Arc<dyn Plugin>, ConfigError> { Ok(Arc::new(Windows)) },
+        )
+        .unwrap();
+    let yaml = format!("processors: [{{name: approve, type: windows, failureMode: {mode}}}]");
+    Arc::new(Chain::load(&yaml, &registry).unwrap())
+}
+
+fn chunk(word: &str) -> String {
+    format!("data: {{\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{word}\"}}}}]}}\n\n")
+}
+
+/// A streamed chat answer through the chain: returns the stream, the host, and what the
+/// client got from the first body callback.
+fn start_stream(chain: Arc<Chain>, first: &str, end: bool) -> (Stream, FakeHost, Vec<u8>, BodyFlow) {
+    let mut stream = Stream::new(chain);
+    let mut host = FakeHost::request("/v1/chat/completions", &[], b"");
+    stream.on_request_headers(&mut host, true);
+    host.response_headers.push((":status".into(), "200".into()));
+    host.response_headers
+        .push(("content-type".into(), "text/event-stream".into()));
+    assert_eq!(stream.on_response_headers(&mut host, false), HeadersFlow::WaitForBody);
+    host.response_body = first.as_bytes().to_vec();
+    let flow = stream.on_response_body(&mut host, end);
+    let sent = if flow == BodyFlow::Continue {
+        host.response_body.clone()
+    } else {
+        Vec::new()
+    };
+    (stream, host, sent, flow)
+}
+
+fn answer(stream: &mut Stream, host: &mut FakeHost, allow: bool) -> (CalloutFlow, Vec<u8>) {
+    let handle = host.callouts.last().unwrap().0;
+    host.response_body.clear();
+    let flow = stream.on_callout_done(host, handle, json_answer(200, &json!({"allow": allow})));
+    let sent = if flow == CalloutFlow::Resume(Direction::Response) {
+        host.response_body.clone()
+    } else {
+        Vec::new()
+    };
+    (flow, sent)
+}
+
+#[test]
+fn a_streamed_answer_goes_out_window_by_window_once_approved() {
+    let first = [chunk("one "), chunk("two "), chunk("three "), chunk("four ")].concat();
+    let (mut stream, mut host, sent, flow) = start_stream(window_chain("FailClosed"), &first, false);
+    // Nothing is released before the service approved it.
+    assert_eq!(flow, BodyFlow::WaitForCallout);
+    assert!(sent.is_empty());
+    assert_eq!(host.callouts[0].1.body, b"one two ");
+    let (flow, sent) = answer(&mut stream, &mut host, true);
+    // The first window goes; the second waits for its own answer.
+    assert_eq!(flow, CalloutFlow::Resume(Direction::Response));
+    assert_eq!(
+        String::from_utf8(sent).unwrap(),
+        [chunk("one "), chunk("two ")].concat()
+    );
+    assert_eq!(host.callouts.len(), 2);
+    assert_eq!(host.callouts[1].1.body, b"three four ");
+    // The rest of the upstream's stream arrives while the chain waits: it waits too.
+    host.response_body = [chunk("five"), "data: [DONE]\n\n".into()].concat().into_bytes();
+    assert_eq!(stream.on_response_body(&mut host, true), BodyFlow::WaitForCallout);
+    assert!(host.response_body.is_empty());
+    // The upstream ended: approved windows go out with the last one.
+    let (flow, _) = answer(&mut stream, &mut host, true);
+    assert_eq!(flow, CalloutFlow::Waiting);
+    assert_eq!(host.callouts[2].1.body, b"five");
+    let (flow, sent) = answer(&mut stream, &mut host, true);
+    assert_eq!(flow, CalloutFlow::Resume(Direction::Response));
+    let sent = String::from_utf8(sent).unwrap();
+    assert_eq!(
+        sent,
+        [
+            chunk("three "),
+            chunk("four "),
+            chunk("five"),
+            "data: [DONE]\n\n".into()
+        ]
+        .concat()
+    );
+    assert!(host.reply.is_none());
+}
+
+#[test]
+fn a_rejected_window_ends_the_stream_and_none_of_it_reaches_the_client() {
+    let first = [chunk("fine "), chunk("text "), chunk("bad "), chunk("words ")].concat();
+    let (mut stream, mut host, _, _) = start_stream(window_chain("FailClosed"), &first, false);
+    let (_, sent) = answer(&mut stream, &mut host, true);
+    assert_eq!(
+        String::from_utf8(sent).unwrap(),
+        [chunk("fine "), chunk("text ")].concat()
+    );
+    let (flow, sent) = answer(&mut stream, &mut host, false);
+    assert_eq!(flow, CalloutFlow::Resume(Direction::Response));
+    let sent = String::from_utf8(sent).unwrap();
+    assert!(!sent.contains("bad") && !sent.contains("words"), "{sent}");
+    assert!(
+        sent.contains("\"finish_reason\":\"content_filter\"") && sent.ends_with("data: [DONE]\n\n"),
+        "{sent}"
+    );
+    // The upstream's remaining bytes are swallowed.
+    host.response_body = chunk("more").into_bytes();
+    assert_eq!(stream.on_response_body(&mut host, true), BodyFlow::Continue);
+    assert!(host.response_body.is_empty());
+}
+
+#[test]
+fn a_first_window_rejected_before_any_byte_went_out_is_an_error_response() {
+    let (mut stream, mut host, _, _) = start_stream(
+        window_chain("FailClosed"),
+        &[chunk("bad "), chunk("start ")].concat(),
+        false,
+    );
+    let (flow, _) = answer(&mut stream, &mut host, false);
+    assert_eq!(flow, CalloutFlow::Replied);
+    let reply = host.reply.unwrap();
+    assert_eq!(
+        (reply.status, reply.json()["error"]["code"].as_str()),
+        (400, Some("content_flagged"))
+    );
+}
+
+#[test]
+fn a_stream_callout_without_an_answer_follows_the_failure_mode() {
+    for (mode, released) in [("FailClosed", false), ("FailOpen", true)] {
+        let (mut stream, mut host, _, _) = start_stream(window_chain(mode), &[chunk("a "), chunk("b ")].concat(), true);
+        let handle = host.callouts[0].0;
+        let flow = stream.on_callout_done(&mut host, handle, Err("timeout".into()));
+        if released {
+            assert_eq!(flow, CalloutFlow::Resume(Direction::Response));
+            assert_eq!(
+                String::from_utf8(host.response_body.clone()).unwrap(),
+                [chunk("a "), chunk("b ")].concat()
+            );
+        } else {
+            // Nothing went out yet: an error response naming the processor.
+            assert_eq!(flow, CalloutFlow::Replied);
+            assert_eq!(host.reply.clone().unwrap().status, 503);
+        }
+    }
+}
+
+#[test]
+fn the_last_window_is_approved_at_the_end_of_the_stream() {
+    let (mut stream, mut host, _, flow) = start_stream(window_chain("FailClosed"), &chunk("alone"), true);
+    assert_eq!(
+        flow,
+        BodyFlow::WaitForCallout,
+        "the stream end asks for the last window"
+    );
+    assert_eq!(host.callouts[0].1.body, b"alone");
+    let (flow, sent) = answer(&mut stream, &mut host, true);
+    assert_eq!(flow, CalloutFlow::Resume(Direction::Response));
+    assert_eq!(String::from_utf8(sent).unwrap(), chunk("alone"));
+}

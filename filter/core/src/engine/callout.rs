@@ -26,6 +26,9 @@ impl Stream {
         if self.replied {
             return CalloutFlow::Ignored;
         }
+        if let Some(at) = parked.stream {
+            return self.resume_stream(host, at, &parked.cluster, result);
+        }
         let Parked {
             index,
             direction,

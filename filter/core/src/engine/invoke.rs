@@ -139,6 +139,7 @@ impl Stream {
                             headers_stage: at.headers_stage,
                             request_headers_changed: at.request_headers_changed,
                             cluster: request.cluster,
+                            stream: None,
                         });
                         return Some(RunOutcome::Waiting);
                     }
@@ -221,7 +222,6 @@ impl Stream {
             headers_sent,
             emitted,
         } = scope;
-        let emitted_present = emitted.is_some();
         let mut request_headers_changed = false;
         let chain = Arc::clone(&self.chain);
         let processor = &chain.processors[index];
@@ -260,12 +260,12 @@ impl Stream {
         if overran {
             host.increment_counter(metrics.budget_overruns, 1);
         }
-        let streamed = emitted_present;
         let failure = match outcome {
-            Ok(Ok(Step::Continue | Step::Drop | Step::Callout(_))) if overran => Failure::Overrun,
-            Ok(Ok(Step::Callout(_))) if streamed => {
-                Failure::Callout("callouts cannot be made from the events of a streamed response".into())
+            Ok(Ok(Step::Continue | Step::Drop | Step::Callout(_) | Step::Hold | Step::Release)) if overran => {
+                Failure::Overrun
             }
+            Ok(Ok(Step::Hold)) => return (Verdict::Hold, Cow::Borrowed("hold")),
+            Ok(Ok(Step::Release)) => return (Verdict::Release, Cow::Borrowed("release")),
             Ok(Ok(Step::Callout(request))) => {
                 let outcome = format!("callout to {}", request.cluster);
                 return (Verdict::Callout(request), outcome.into());

@@ -103,6 +103,9 @@ impl Stream {
             return BodyFlow::Continue;
         }
         if self.parked.is_some() {
+            if self.response == PhaseState::Streaming {
+                self.stash_stream_data(host, end_of_stream);
+            }
             return BodyFlow::WaitForCallout;
         }
         if self.response == PhaseState::Streaming {
@@ -114,6 +117,9 @@ impl Stream {
     /// Response trailers arrived.
     pub fn on_response_trailers(&mut self, host: &mut dyn Host) -> BodyFlow {
         if self.parked.is_some() {
+            if self.response == PhaseState::Streaming {
+                self.stash_stream_data(host, true);
+            }
             return BodyFlow::WaitForCallout;
         }
         if self.response == PhaseState::Streaming {

@@ -66,6 +66,9 @@ pub(super) struct Parked {
     pub(super) headers_stage: bool,
     pub(super) request_headers_changed: bool,
     pub(super) cluster: String,
+    /// Parked in a streamed response: the processor's position among the event processors,
+    /// and whether at the stream's end.
+    pub(super) stream: Option<(usize, bool)>,
 }
 
 /// Where a run of the chain starts (or resumes) and what it carries over.
@@ -154,6 +157,8 @@ pub(super) enum Step {
     Reject(LocalReply),
     Respond(LocalReply),
     Callout(crate::background::CalloutRequest),
+    Hold,
+    Release,
 }
 
 impl From<Decision> for Step {
@@ -173,6 +178,9 @@ impl From<EventDecision> for Step {
             EventDecision::Continue => Step::Continue,
             EventDecision::Drop => Step::Drop,
             EventDecision::Reject(reply) => Step::Reject(reply),
+            EventDecision::Hold => Step::Hold,
+            EventDecision::Release => Step::Release,
+            EventDecision::Callout(request) => Step::Callout(request),
         }
     }
 }
@@ -211,6 +219,10 @@ pub(super) enum Verdict {
     Stop(LocalReply, String),
     /// Send this callout and park until its answer.
     Callout(crate::background::CalloutRequest),
+    /// Keep this event at this processor (streams).
+    Hold,
+    /// Let this event and what this processor holds go on (streams).
+    Release,
 }
 
 /// Media type of a `content-type` value, lower-cased, without parameters.
