@@ -127,7 +127,7 @@ impl Stream {
             Advance::Parked if !stream.ended => stream.release(&mut out, false),
             Advance::Parked => {}
         }
-        if chunk.map_or(true, |chunk| chunk != out.as_slice()) {
+        if chunk != Some(out.as_slice()) {
             host.replace_body(Direction::Response, &out);
         }
         Some(out)
