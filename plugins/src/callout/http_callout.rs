@@ -6,12 +6,12 @@
 
 use super::{
     answer_error, inspected_texts, parse_answer, Endpoint, OneOrMany, Phase, Predicate, PredicateConfig, RejectConfig,
-    Scope, Template,
+    Scope, Template, Windows,
 };
 use crate::common::validate_header_name;
 use payload_processor_core::{
-    BuildContext, CalloutResponse, ConfigError, Context, Counter, Decision, LocalReply, PhaseNeed, Plugin, PluginError,
-    RequestEdits, WritePath,
+    BuildContext, CalloutRequest, CalloutResponse, ConfigError, Context, Counter, Decision, Direction, EventDecision,
+    LocalReply, PhaseNeed, Plugin, PluginError, RequestEdits, SseEvent, StreamNeed, WritePath,
 };
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -68,6 +68,11 @@ pub struct Config {
     /// Namespace of `setMetadata`.
     #[serde(default = "default_namespace")]
     pub metadata_namespace: String,
+    /// With `phase: Response`, a streamed answer is released to the client only after the
+    /// service's answer for its text, in windows of this many bytes (each one callout, with
+    /// `{{ text }}` the window's text).
+    #[serde(default = "super::default_stream_window")]
+    pub stream_window_bytes: usize,
 }
 
 /// How a body field rule changes the field.
@@ -137,6 +142,7 @@ pub struct HttpCallout {
     set_body_fields: Vec<BodyField>,
     set_metadata: Vec<(String, Template)>,
     namespace: String,
+    window: usize,
     calls: Counter,
 }
 
@@ -226,6 +232,7 @@ pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugi
         set_body_fields,
         set_metadata,
         namespace: config.metadata_namespace,
+        window: config.stream_window_bytes.max(1),
         calls: ctx.counter("calls"),
     }))
 }
@@ -235,17 +242,17 @@ fn joined_text(ctx: &mut Context<'_>, name: &str) -> Result<String, PluginError>
     Ok(inspected_texts(ctx, name)?.join("\n"))
 }
 
+/// Per stream: whether the answer is streamed, and its windows.
+#[derive(Default)]
+struct StreamState {
+    streaming: bool,
+    windows: Windows,
+}
+
 impl HttpCallout {
     fn call(&self, ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
-        let headers: Vec<(String, Option<String>)> = self
-            .template_headers
-            .iter()
-            .chain(&self.forward_headers)
-            .map(|name| (name.clone(), ctx.header(name)))
-            .collect();
         let text = joined_text(ctx, &self.name)?;
-        let blank = ctx.body().is_blank();
-        let doc = if blank {
+        let doc = if ctx.body().is_blank() {
             Value::Null
         } else {
             ctx.body()
@@ -255,6 +262,18 @@ impl HttpCallout {
                 })?
                 .clone()
         };
+        Ok(Decision::Callout(self.request(ctx, &text, &doc)))
+    }
+
+    /// The call for this text and document; `headers.<name>` and `forwardHeaders` read the
+    /// request's headers.
+    fn request(&self, ctx: &mut Context<'_>, text: &str, doc: &Value) -> CalloutRequest {
+        let headers: Vec<(String, Option<String>)> = self
+            .template_headers
+            .iter()
+            .chain(&self.forward_headers)
+            .map(|name| (name.clone(), ctx.request_header(name)))
+            .collect();
         let lookup = |name: &str| {
             headers
                 .iter()
@@ -262,8 +281,8 @@ impl HttpCallout {
                 .and_then(|(_, value)| value.clone())
         };
         let scope = Scope {
-            doc: &doc,
-            text: &text,
+            doc,
+            text,
             header: &lookup,
             status: 0,
         };
@@ -281,7 +300,7 @@ impl HttpCallout {
             }
         }
         ctx.increment(self.calls);
-        Ok(Decision::Callout(request))
+        request
     }
 }
 
@@ -315,6 +334,24 @@ impl Plugin for HttpCallout {
         self.call(ctx)
     }
 
+    fn stream_need(&self) -> Option<StreamNeed> {
+        (self.phase == Phase::Response).then(StreamNeed::default)
+    }
+
+    fn on_response_event(&self, ctx: &mut Context<'_>, event: &mut SseEvent) -> Result<EventDecision, PluginError> {
+        let state = ctx.state::<StreamState>();
+        state.streaming = true;
+        let step = state.windows.on_event(event, self.window);
+        Ok(step.decide(|text| self.request(ctx, &text, &Value::Null)))
+    }
+
+    fn on_stream_end(&self, ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
+        Ok(match ctx.state::<StreamState>().windows.at_end() {
+            Some(text) => Decision::Callout(self.request(ctx, &text, &Value::Null)),
+            None => Decision::Continue,
+        })
+    }
+
     fn on_callout_done(&self, ctx: &mut Context<'_>, response: CalloutResponse) -> Result<Decision, PluginError> {
         if !(200..300).contains(&response.status) {
             let what = format!("answered {}", response.status);
@@ -325,6 +362,9 @@ impl Plugin for HttpCallout {
         if self.reject_when.iter().any(|p| p.holds(&answer, response.status)) {
             return Ok(Decision::Reject(self.reject.clone()));
         }
+        // A streamed answer's headers went out and it has no JSON body: only the verdict and
+        // metadata apply to it.
+        let streaming = ctx.direction() == Direction::Response && ctx.state::<StreamState>().streaming;
         let text = if self.set_body_fields.is_empty() {
             String::new()
         } else {
@@ -343,7 +383,7 @@ impl Plugin for HttpCallout {
             header: &lookup,
             status: response.status,
         };
-        for (header, template) in &self.set_headers {
+        for (header, template) in self.set_headers.iter().filter(|_| !streaming) {
             let value = template.render_line(&scope);
             if value.is_empty() {
                 ctx.remove_header(header);
@@ -354,7 +394,7 @@ impl Plugin for HttpCallout {
         for (key, template) in &self.set_metadata {
             ctx.set_metadata(&self.namespace, key, &template.render_line(&scope));
         }
-        for field in &self.set_body_fields {
+        for field in self.set_body_fields.iter().filter(|_| !streaming) {
             if field.skip_empty && !field.value.found_anything(&scope) {
                 continue;
             }

@@ -5,10 +5,10 @@
 //!
 //! The users' reference: `docs/plugins/llama-guard.md`.
 
-use super::{answer_error, inspected_texts, json_answer, with_detail, Endpoint, Phase, RejectConfig};
+use super::{answer_error, inspected_texts, json_answer, with_detail, Endpoint, Phase, RejectConfig, Windows};
 use payload_processor_core::{
-    BuildContext, CalloutResponse, ConfigError, Context, Counter, Decision, LocalReply, PhaseNeed, Plugin, PluginError,
-    RequestEdits,
+    BuildContext, CalloutRequest, CalloutResponse, ConfigError, Context, Counter, Decision, EventDecision, LocalReply,
+    PhaseNeed, Plugin, PluginError, RequestEdits, SseEvent, StreamNeed,
 };
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -61,6 +61,10 @@ pub struct Config {
     /// Namespace of the metadata written.
     #[serde(default = "default_namespace")]
     pub metadata_namespace: String,
+    /// With `phase: Response`, a streamed answer is released to the client only after the
+    /// model judged its text safe, in windows of this many bytes (each one callout).
+    #[serde(default = "super::default_stream_window")]
+    pub stream_window_bytes: usize,
 }
 
 fn default_path() -> String {
@@ -85,6 +89,7 @@ pub struct LlamaGuard {
     default_action: CategoryAction,
     reject: LocalReply,
     namespace: String,
+    window: usize,
     calls: Counter,
     flagged: Counter,
     reported: Counter,
@@ -114,6 +119,9 @@ pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugi
     let reject = config
         .reject
         .reply(400, "content_flagged", "the content was flagged as unsafe", "reject")?;
+    if config.stream_window_bytes == 0 {
+        return Err(ConfigError::new("streamWindowBytes", "must be at least 1"));
+    }
     Ok(Arc::new(LlamaGuard {
         name: ctx.processor_name().to_string(),
         endpoint,
@@ -123,15 +131,20 @@ pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugi
         default_action: config.default_action,
         reject,
         namespace: config.metadata_namespace,
+        window: config.stream_window_bytes,
         calls: ctx.counter("calls"),
         flagged: ctx.counter("flagged"),
         reported: ctx.counter("reported"),
     }))
 }
 
-/// The prompt of the request, kept for classifying its answer.
+/// Per stream: the prompt of the request, kept for classifying its answer, and the windows
+/// of a streamed answer.
 #[derive(Default)]
-struct Prompt(String);
+struct GuardState {
+    prompt: String,
+    windows: Windows,
+}
 
 /// What the model said: `None` for safe, else the category codes.
 fn verdict(content: &str) -> Result<Option<Vec<String>>, String> {
@@ -152,14 +165,23 @@ fn verdict(content: &str) -> Result<Option<Vec<String>>, String> {
 }
 
 impl LlamaGuard {
-    fn call(&self, ctx: &mut Context<'_>, messages: Value) -> Decision {
+    fn call(&self, ctx: &mut Context<'_>, messages: Value) -> CalloutRequest {
         ctx.increment(self.calls);
-        Decision::Callout(self.endpoint.post_json(&json!({
+        self.endpoint.post_json(&json!({
             "model": self.model,
             "messages": messages,
             "max_tokens": 32,
             "temperature": 0,
-        })))
+        }))
+    }
+
+    /// An answer's text judged with its prompt, as the agent's turn.
+    fn judge_answer(&self, ctx: &mut Context<'_>, answer: String) -> CalloutRequest {
+        let prompt = ctx.state::<GuardState>().prompt.clone();
+        self.call(
+            ctx,
+            json!([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]),
+        )
     }
 }
 
@@ -184,13 +206,15 @@ impl Plugin for LlamaGuard {
     fn on_request(&self, ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
         let prompt = inspected_texts(ctx, &self.name)?.join("\n");
         if self.phase == Phase::Response {
-            ctx.state::<Prompt>().0 = prompt;
+            ctx.state::<GuardState>().prompt = prompt;
             return Ok(Decision::Continue);
         }
         if prompt.trim().is_empty() {
             return Ok(Decision::Continue);
         }
-        Ok(self.call(ctx, json!([{"role": "user", "content": prompt}])))
+        Ok(Decision::Callout(
+            self.call(ctx, json!([{"role": "user", "content": prompt}])),
+        ))
     }
 
     fn on_response(&self, ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
@@ -198,11 +222,23 @@ impl Plugin for LlamaGuard {
         if answer.trim().is_empty() {
             return Ok(Decision::Continue);
         }
-        let prompt = std::mem::take(&mut ctx.state::<Prompt>().0);
-        Ok(self.call(
-            ctx,
-            json!([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]),
-        ))
+        Ok(Decision::Callout(self.judge_answer(ctx, answer)))
+    }
+
+    fn stream_need(&self) -> Option<StreamNeed> {
+        (self.phase == Phase::Response).then(StreamNeed::default)
+    }
+
+    fn on_response_event(&self, ctx: &mut Context<'_>, event: &mut SseEvent) -> Result<EventDecision, PluginError> {
+        let step = ctx.state::<GuardState>().windows.on_event(event, self.window);
+        Ok(step.decide(|text| self.judge_answer(ctx, text)))
+    }
+
+    fn on_stream_end(&self, ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
+        Ok(match ctx.state::<GuardState>().windows.at_end() {
+            Some(text) => Decision::Callout(self.judge_answer(ctx, text)),
+            None => Decision::Continue,
+        })
     }
 
     fn on_callout_done(&self, ctx: &mut Context<'_>, response: CalloutResponse) -> Result<Decision, PluginError> {

@@ -587,3 +587,114 @@ pub(crate) fn parse_answer(response: &CalloutResponse) -> Option<Value> {
     }
     serde_json::from_slice(&response.body).ok()
 }
+
+/// The default `streamWindowBytes`: text approved per callout on a streamed answer.
+pub(crate) fn default_stream_window() -> usize {
+    1024
+}
+
+/// Characters of the last approved window sent again before the next one, so a phrase split
+/// at a window boundary is judged whole.
+const WINDOW_CONTEXT_CHARS: usize = 200;
+
+/// The text an event of a streamed answer adds: OpenAI chat (`choices[].delta.content`) and
+/// completions (`choices[].text`), Anthropic (`content_block_delta`), the responses API
+/// (`response.output_text.delta`).
+pub(crate) fn event_text(event: &mut payload_processor_core::SseEvent) -> String {
+    if event.is_done_marker() {
+        return String::new();
+    }
+    let Ok(doc) = event.json() else { return String::new() };
+    let mut text = String::new();
+    if let Some(choices) = doc.get("choices").and_then(Value::as_array) {
+        for choice in choices {
+            let piece = choice
+                .pointer("/delta/content")
+                .or_else(|| choice.get("text"))
+                .and_then(Value::as_str);
+            text.push_str(piece.unwrap_or_default());
+        }
+    }
+    match doc.get("type").and_then(Value::as_str) {
+        Some("content_block_delta") => {
+            text.push_str(doc.pointer("/delta/text").and_then(Value::as_str).unwrap_or_default())
+        }
+        Some("response.output_text.delta") => {
+            text.push_str(doc.get("delta").and_then(Value::as_str).unwrap_or_default())
+        }
+        _ => {}
+    }
+    text
+}
+
+/// A streamed answer's text, approved window by window: the events wait at the processor
+/// (the engine's hold) until the service approved the text they carry.
+#[derive(Debug, Default)]
+pub(crate) struct Windows {
+    /// Text not yet sent for approval.
+    unsent: String,
+    /// The end of the last window sent, sent again as context.
+    context: String,
+}
+
+/// What to do with one event of a streamed answer.
+pub(crate) enum WindowStep {
+    /// Nothing held and no text: let it go.
+    Continue,
+    /// Keep it until the window is approved.
+    Hold,
+    /// A window boundary without text to judge: it and what is held go on.
+    Release,
+    /// Have this text judged (the event is held with its window).
+    Judge(String),
+}
+
+impl Windows {
+    /// Adds an event's text; a window is judged when `window` bytes of text gathered, or at
+    /// the protocol's terminal event.
+    pub(crate) fn on_event(&mut self, event: &mut payload_processor_core::SseEvent, window: usize) -> WindowStep {
+        let text = event_text(event);
+        self.unsent.push_str(&text);
+        if self.unsent.len() >= window || event.is_terminal() {
+            if self.unsent.trim().is_empty() {
+                self.unsent.clear();
+                return WindowStep::Release;
+            }
+            return WindowStep::Judge(self.take());
+        }
+        if self.unsent.is_empty() {
+            WindowStep::Continue
+        } else {
+            WindowStep::Hold
+        }
+    }
+
+    /// At the stream's end: the text still to judge, if any.
+    pub(crate) fn at_end(&mut self) -> Option<String> {
+        if self.unsent.trim().is_empty() {
+            return None;
+        }
+        Some(self.take())
+    }
+
+    fn take(&mut self) -> String {
+        let window = std::mem::take(&mut self.unsent);
+        let judged = format!("{}{window}", self.context);
+        let keep = window.chars().count().saturating_sub(WINDOW_CONTEXT_CHARS);
+        self.context = window.chars().skip(keep).collect();
+        judged
+    }
+}
+
+impl WindowStep {
+    /// The event decision, with `judge` making the callout for a window's text.
+    pub(crate) fn decide(self, judge: impl FnOnce(String) -> CalloutRequest) -> payload_processor_core::EventDecision {
+        use payload_processor_core::EventDecision;
+        match self {
+            WindowStep::Continue => EventDecision::Continue,
+            WindowStep::Hold => EventDecision::Hold,
+            WindowStep::Release => EventDecision::Release,
+            WindowStep::Judge(text) => EventDecision::Callout(judge(text)),
+        }
+    }
+}

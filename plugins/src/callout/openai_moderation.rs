@@ -4,10 +4,10 @@
 //!
 //! The users' reference: `docs/plugins/openai-moderation.md`.
 
-use super::{inspected_texts, json_answer, with_detail, Endpoint, Phase, RejectConfig};
+use super::{inspected_texts, json_answer, with_detail, Endpoint, Phase, RejectConfig, Windows};
 use payload_processor_core::{
-    BuildContext, CalloutResponse, ConfigError, Context, Counter, Decision, LocalReply, PhaseNeed, Plugin, PluginError,
-    RequestEdits,
+    BuildContext, CalloutRequest, CalloutResponse, ConfigError, Context, Counter, Decision, EventDecision, LocalReply,
+    PhaseNeed, Plugin, PluginError, RequestEdits, SseEvent, StreamNeed,
 };
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -53,6 +53,10 @@ pub struct Config {
     /// Namespace of the metadata written (`<name>.categories`).
     #[serde(default = "default_namespace")]
     pub metadata_namespace: String,
+    /// With `phase: Response`, a streamed answer is released to the client only after the
+    /// service approved its text, in windows of this many bytes (each one callout).
+    #[serde(default = "super::default_stream_window")]
+    pub stream_window_bytes: usize,
 }
 
 fn default_path() -> String {
@@ -77,6 +81,7 @@ pub struct OpenaiModeration {
     score_threshold: Option<f64>,
     reject: LocalReply,
     namespace: String,
+    window: usize,
     calls: Counter,
     flagged: Counter,
 }
@@ -114,6 +119,7 @@ pub fn build(parameters: &Value, ctx: &mut BuildContext) -> Result<Arc<dyn Plugi
         score_threshold: config.score_threshold,
         reject,
         namespace: config.metadata_namespace,
+        window: config.stream_window_bytes,
         calls: ctx.counter("calls"),
         flagged: ctx.counter("flagged"),
     }))
@@ -125,10 +131,12 @@ impl OpenaiModeration {
         if text.trim().is_empty() {
             return Ok(Decision::Continue);
         }
+        Ok(Decision::Callout(self.judge(ctx, text)))
+    }
+
+    fn judge(&self, ctx: &mut Context<'_>, text: String) -> CalloutRequest {
         ctx.increment(self.calls);
-        Ok(Decision::Callout(
-            self.endpoint.post_json(&json!({"input": text, "model": self.model})),
-        ))
+        self.endpoint.post_json(&json!({"input": text, "model": self.model}))
     }
 
     fn watched(&self, category: &str) -> bool {
@@ -163,6 +171,22 @@ impl Plugin for OpenaiModeration {
 
     fn on_response(&self, ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
         self.call(ctx)
+    }
+
+    fn stream_need(&self) -> Option<StreamNeed> {
+        (self.phase == Phase::Response).then(StreamNeed::default)
+    }
+
+    fn on_response_event(&self, ctx: &mut Context<'_>, event: &mut SseEvent) -> Result<EventDecision, PluginError> {
+        let step = ctx.state::<Windows>().on_event(event, self.window);
+        Ok(step.decide(|text| self.judge(ctx, text)))
+    }
+
+    fn on_stream_end(&self, ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
+        Ok(match ctx.state::<Windows>().at_end() {
+            Some(text) => Decision::Callout(self.judge(ctx, text)),
+            None => Decision::Continue,
+        })
     }
 
     fn on_callout_done(&self, ctx: &mut Context<'_>, response: CalloutResponse) -> Result<Decision, PluginError> {

@@ -458,3 +458,127 @@ fn bad_configurations_are_refused_with_their_path() {
         assert!(err.starts_with(expected), "{yaml}: {err}");
     }
 }
+
+fn sse_chunk(word: &str) -> String {
+    format!("data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{word}\"}}}}]}}\n\n")
+}
+
+/// Streams `chunks` through the response phase, answering every callout with `answer` as
+/// soon as it is out (after the chunk that caused it); returns what the client received.
+fn stream_through(
+    yaml: &str,
+    chunks: &[String],
+    answer: impl Fn(&CalloutRequest) -> Result<CalloutResponse, String>,
+) -> (String, FakeHost) {
+    let mut stream = Stream::new(chain(yaml));
+    let mut host = chat(json!([{"role": "user", "content": "tell me"}]));
+    assert_eq!(
+        run_request_with_callouts(&mut stream, &mut host, |_| unreachable!()),
+        PhaseEnd::Continued
+    );
+    host.response_headers.push((":status".into(), "200".into()));
+    host.response_headers
+        .push(("content-type".into(), "text/event-stream".into()));
+    stream.on_response_headers(&mut host, false);
+    let mut client = Vec::new();
+    let mut answered = 0;
+    for (i, chunk) in chunks.iter().enumerate() {
+        host.response_body = chunk.clone().into_bytes();
+        let flow = stream.on_response_body(&mut host, i + 1 == chunks.len());
+        if flow == payload_processor_core::BodyFlow::Continue {
+            client.extend_from_slice(&host.response_body);
+        }
+        while answered < host.callouts.len() && stream.waiting_for_callout().is_some() {
+            let (handle, request) = host.callouts[answered].clone();
+            answered += 1;
+            host.response_body.clear();
+            match stream.on_callout_done(&mut host, handle, answer(&request)) {
+                payload_processor_core::CalloutFlow::Resume(_) => client.extend_from_slice(&host.response_body),
+                payload_processor_core::CalloutFlow::Replied => return (String::new(), host),
+                _ => {}
+            }
+        }
+    }
+    (String::from_utf8(client).unwrap(), host)
+}
+
+#[test]
+fn moderation_approves_a_streamed_answer_window_by_window() {
+    let yaml = "processors: [{name: mod, type: openai-moderation, parameters: {cluster: m, phase: Response, streamWindowBytes: 12}}]";
+    let words = ["The ", "plan ", "is ", "to ", "kill ", "the ", "process ", "now"];
+    let chunks: Vec<String> = words
+        .iter()
+        .map(|w| sse_chunk(w))
+        .chain(["data: [DONE]\n\n".to_string()])
+        .collect();
+    let verdict = |request: &CalloutRequest| {
+        let input = sent_json(request)["input"].as_str().unwrap().to_string();
+        let flagged = input.contains("kill");
+        json_answer(
+            200,
+            &json!({"results": [{"flagged": flagged, "categories": {"violence": flagged}}]}),
+        )
+    };
+    let (client, host) = stream_through(yaml, &chunks, verdict);
+    // The window holding "kill" was refused: its text never went out, the stream ended the
+    // way the openai client understands.
+    assert!(
+        client.starts_with(&[sse_chunk("The "), sse_chunk("plan "), sse_chunk("is ")].concat()),
+        "{client}"
+    );
+    assert!(!client.contains("kill"), "{client}");
+    assert!(
+        client.contains("content_filter") && client.ends_with("data: [DONE]\n\n"),
+        "{client}"
+    );
+    // Each window was one call; the second carried the end of the first as context.
+    let inputs: Vec<String> = host
+        .callouts
+        .iter()
+        .map(|(_, r)| sent_json(r)["input"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(inputs[0], "The plan is ");
+    assert!(
+        inputs[1].starts_with("The plan is ") && inputs[1].contains("kill"),
+        "{inputs:?}"
+    );
+    // A clean answer goes out whole, every window approved.
+    let clean: Vec<String> = ["all ", "good ", "here ", "friend"]
+        .iter()
+        .map(|w| sse_chunk(w))
+        .chain(["data: [DONE]\n\n".to_string()])
+        .collect();
+    let (client, host) = stream_through(yaml, &clean, verdict);
+    assert_eq!(client, clean.concat());
+    assert!(host.callouts.len() >= 2);
+}
+
+#[test]
+fn llama_guard_and_http_callout_judge_streamed_windows_too() {
+    let guard = "processors: [{name: lg, type: llama-guard, parameters: {cluster: g, model: lg, phase: Response, streamWindowBytes: 8}}]";
+    let chunks: Vec<String> = ["how ", "to ", "build ", "a ", "bomb"]
+        .iter()
+        .map(|w| sse_chunk(w))
+        .collect();
+    let says = |request: &CalloutRequest| {
+        let messages = sent_json(request)["messages"].clone();
+        assert_eq!(messages[0], json!({"role": "user", "content": "tell me"}));
+        let unsafe_ = messages[1]["content"].as_str().unwrap().contains("bomb");
+        let content = if unsafe_ { "unsafe\nS9" } else { "safe" };
+        json_answer(200, &json!({"choices": [{"message": {"content": content}}]}))
+    };
+    let (client, _) = stream_through(guard, &chunks, says);
+    assert!(
+        client.contains("how ") && !client.contains("bomb") && client.contains("content_filter"),
+        "{client}"
+    );
+    let general = r#"processors: [{name: check, type: http-callout, parameters: {cluster: s, path: /check, phase: Response, streamWindowBytes: 8, body: {t: "{{ text }}"}, rejectWhen: {path: $.bad, equals: true}}}]"#;
+    let judge = |request: &CalloutRequest| {
+        json_answer(
+            200,
+            &json!({"bad": sent_json(request)["t"].as_str().unwrap().contains("bomb")}),
+        )
+    };
+    let (client, _) = stream_through(general, &chunks, judge);
+    assert!(client.contains("how ") && !client.contains("bomb"), "{client}");
+}
