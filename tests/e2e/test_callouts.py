@@ -220,3 +220,43 @@ def test_a_client_gone_during_the_callout_leaves_nothing_behind(form, services, 
     assert envoy.alive()
     assert no_body_reached(services["upstream"], seen), "an abandoned request never goes upstream"
     assert chat(envoy, "hello").status_code == 200
+
+
+def test_a_streamed_answer_is_stopped_by_a_moderation_verdict_mid_stream(form, services, start_envoy):
+    """The answer streams from a model server; moderation approves it window by window. The
+    window with the flagged words never reaches the client, and the official client sees the
+    stream end with `finish_reason: content_filter`."""
+    from harness.model_server import ModelServer
+    from urllib.parse import quote
+
+    model = ModelServer("streaming-model")
+    try:
+        clusters = [cluster("model", model.port), cluster("services", services["mocks"].port)]
+        chain = {"processors": [{"name": "moderate-answer", "type": "openai-moderation",
+                                 "parameters": {"cluster": "services", "phase": "Response", "streamWindowBytes": 40}}]}
+        envoy = start_envoy(bootstrap([processor_filter(form, json.dumps(chain))], model_routes({}, "model"), clusters))
+        client = openai.OpenAI(base_url=envoy.url("/v1"), api_key="test", max_retries=0, timeout=10)
+
+        def stream(reply):
+            events = client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "tell me"}], stream=True,
+                extra_headers={"x-mock-reply": quote(reply)})
+            text, finish = "", None
+            for event in events:
+                for choice in event.choices:
+                    text += choice.delta.content or ""
+                    finish = choice.finish_reason or finish
+            return text, finish
+
+        clean = "The weather is calm today and the sea is quiet along the whole coast, all week long."
+        assert stream(clean) == (clean, "stop")
+        calls = [r for r in services["mocks"].requests if r["path"] == "/v1/moderations"]
+        assert len(calls) >= 2, "approved window by window"
+        flagged = ("The first part of this answer is harmless and long enough to pass. "
+                   "Then it says the word kill somewhere in the middle. And more text follows it.")
+        text, finish = stream(flagged)
+        assert finish == "content_filter"
+        assert "kill" not in text
+        assert text and flagged.startswith(text), "what went out is an approved prefix of the answer"
+    finally:
+        model.stop()

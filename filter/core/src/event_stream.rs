@@ -78,6 +78,9 @@ pub(crate) struct EventStream {
     pub(crate) ended: bool,
     /// Where telling the processors the stream ended has got to.
     pub(crate) end: StreamEnd,
+    /// Approved bytes kept back while a callout is out after the upstream ended (the stream
+    /// may not go on then); they go first in the next output, a rejection's included.
+    pub(crate) approved: Vec<u8>,
 }
 
 /// Telling the processors a stream ended, one after the other (a processor may call out).
@@ -110,6 +113,7 @@ impl EventStream {
             gates,
             ended: false,
             end: StreamEnd::NotYet,
+            approved: Vec::new(),
         }
     }
 

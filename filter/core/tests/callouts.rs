@@ -591,3 +591,19 @@ fn the_last_window_is_approved_at_the_end_of_the_stream() {
     assert_eq!(flow, CalloutFlow::Resume(Direction::Response));
     assert_eq!(String::from_utf8(sent).unwrap(), chunk("alone"));
 }
+
+#[test]
+fn approved_windows_of_an_ended_upstream_still_go_out_before_a_rejection() {
+    // The whole answer arrived before the first verdict: nothing may go on while a window
+    // waits, but what was approved is sent with the terminal events.
+    let all = [chunk("fine "), chunk("text "), chunk("bad "), chunk("words ")].concat();
+    let (mut stream, mut host, _, flow) = start_stream(window_chain("FailClosed"), &all, true);
+    assert_eq!(flow, BodyFlow::WaitForCallout);
+    assert_eq!(answer(&mut stream, &mut host, true).0, CalloutFlow::Waiting);
+    let (flow, sent) = answer(&mut stream, &mut host, false);
+    assert_eq!(flow, CalloutFlow::Resume(Direction::Response));
+    let sent = String::from_utf8(sent).unwrap();
+    assert!(sent.starts_with(&[chunk("fine "), chunk("text ")].concat()), "{sent}");
+    assert!(!sent.contains("bad") && sent.contains("content_filter"), "{sent}");
+    assert!(host.reply.is_none());
+}

@@ -107,15 +107,17 @@ impl Stream {
                 stream.pending.clear();
                 stream.gates.iter_mut().for_each(Vec::clear);
                 stream.finished = true;
-                if !stream.started {
+                if !stream.started && stream.approved.is_empty() {
                     // Nothing reached the client yet: an ordinary error response.
                     self.reply(host, &reply, &details);
                     return None;
                 }
                 log::debug!("ending a started event stream ({details})");
-                out = stream.terminal_events(&reply);
+                out = std::mem::take(&mut stream.approved);
+                out.extend(stream.terminal_events(&reply));
             }
             Advance::Done => {
+                out = std::mem::take(&mut stream.approved);
                 let all = (stream.ended && stream.end == StreamEnd::Done) || stream.passthrough;
                 stream.release(&mut out, all);
                 if stream.passthrough {
@@ -123,9 +125,16 @@ impl Stream {
                 }
             }
             // Waiting: what is approved goes, unless the upstream already ended (then the
-            // stream must not go on before the answer; it all goes at the end).
-            Advance::Parked if !stream.ended => stream.release(&mut out, false),
-            Advance::Parked => {}
+            // stream must not go on before the answer: it goes with the next output).
+            Advance::Parked if !stream.ended => {
+                out = std::mem::take(&mut stream.approved);
+                stream.release(&mut out, false);
+            }
+            Advance::Parked => {
+                let mut approved = std::mem::take(&mut stream.approved);
+                stream.release(&mut approved, false);
+                stream.approved = approved;
+            }
         }
         if chunk != Some(out.as_slice()) {
             host.replace_body(Direction::Response, &out);
