@@ -30,7 +30,7 @@ if [ "$short" = 1 ]; then
   tests+=" or official_client_streams or streamed_rejection or openai_chat_usage or anthropic_usage"
   tests+=" or rejected_openai_stream or picks_follow or client_supplied"
   tests+=" or fetched_through_a_cluster or hits_and_misses or two_workers"
-  tests+=" or moderation_rejects or presidio_masks or ext_authz_body_allows or budget"
+  tests+=" or moderation_rejects or presidio_masks or ext_authz_body_allows or budget or stopped_by_a_moderation"
   select=(-k "$tests")
 fi
 
