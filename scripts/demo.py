@@ -18,6 +18,7 @@ from harness.model_server import ModelServer
 from harness.render import render
 from harness.vllm_server import VllmServer
 from harness.model_files import ModelFileServer
+from harness.callout_servers import ServiceMocks
 
 SAMPLES = [
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "model": "llama-3-8b"}),
@@ -94,6 +95,17 @@ def run_semantic(envoy, pools):
     ask("How do I not reset my password?", "llama-3-8b")
 
 
+def run_moderation(envoy, services):
+    """openai-moderation asks the moderation service about each chat prompt; the chain waits."""
+    print("\nModeration (a callout to the `moderation` cluster, a local mock of OpenAI's API):")
+    for text in ("Please summarise the quarterly report", "You stupid idiot, answer me"):
+        seen = len(services.requests)
+        reply = requests.post(envoy.url("/v1/chat/completions"), timeout=10,
+                              json={"model": "llama-3-8b", "messages": [{"role": "user", "content": text}]})
+        code = reply.json().get("error", {}).get("message", "") if reply.status_code != 200 else "passed"
+        print(f"  {text!r:<44} {reply.status_code}  {code}  (moderation calls: {len(services.requests) - seen})")
+
+
 def run_stream(envoy, access_log, logged_before):
     body = {"model": "mistral-7b", "stream": True, "stream_options": {"include_usage": True},
             "messages": [{"role": "user", "content": "Greet the gateway"}]}
@@ -163,9 +175,11 @@ def main():
     pools = {name: ModelServer(name) for name in ("pool-llama", "pool-mistral", "pool-qwen")}
     pods = {name: VllmServer(name) for name in ("pod-a", "pod-b", "pod-c")}
     models = ModelFileServer()
+    services = ServiceMocks()
     values = {f"UPSTREAM_{key}_PORT": server.port for key, server in zip("ABC", pools.values())}
     values.update({f"POD_{key}": pod.address for key, pod in zip("ABC", pods.values())})
     values["MODELS_PORT"] = models.port
+    values["SERVICES_PORT"] = services.port
     values["POOL_LISTEN_PORT"] = args.port + 1 if args.serve and args.port else 0
     access_log = Path(tempfile.mkdtemp(prefix="demo-")) / "access.log"
     values.update(LISTEN_PORT=args.port if args.serve else 0, ADMIN_PORT=0, ACCESS_LOG=access_log,
@@ -179,6 +193,7 @@ def main():
               f"(started in {envoy.startup_seconds:.2f}s, admin on {envoy.admin})\n")
         run_samples(envoy, pools)
         run_semantic(envoy, pools)
+        run_moderation(envoy, services)
         run_stream(envoy, access_log, len(read_access_log(access_log, len(SAMPLES))))
         run_pool(envoy, pods)
         stats = {k: v for k, v in envoy.stats().items() if v and "latency" not in k and ".endpoint." not in k}
@@ -192,7 +207,7 @@ def main():
         pass
     finally:
         envoy.stop()
-        for server in [*pools.values(), *pods.values(), models]:
+        for server in [*pools.values(), *pods.values(), models, services]:
             server.stop()
 
 

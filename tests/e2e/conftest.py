@@ -14,20 +14,33 @@ NEEDS_HEADERS_HOLD = "needs_headers_hold"
 
 
 def shard_tests(config, items):
-    """E2E_SHARD=wasm keeps the .wasm cases of form-parametrized tests; E2E_SHARD=rest keeps
-    everything else. scripts/test.sh runs the two shards side by side: together they run every
-    test exactly once."""
+    """E2E_SHARD=1/2 or 2/2 keeps one of two halves of the tests; scripts/test.sh runs the two
+    side by side, and together they run every test exactly once. The halves are balanced by
+    an estimate (a .wasm case costs about three .so cases: each starts a V8 VM), assigning
+    whole groups (a test file's .wasm cases, or its other cases) so module fixtures start
+    once per half."""
     shard = os.environ.get("E2E_SHARD")
     if not shard:
         return
-    if shard not in ("wasm", "rest"):
-        raise pytest.UsageError(f"E2E_SHARD must be wasm or rest, not {shard!r}")
+    if shard not in ("1/2", "2/2"):
+        raise pytest.UsageError(f"E2E_SHARD must be 1/2 or 2/2, not {shard!r}")
 
     def is_wasm(item):
         callspec = getattr(item, "callspec", None)
         return bool(callspec) and callspec.params.get("form") == "wasm"
 
-    keep = [item for item in items if is_wasm(item) == (shard == "wasm")]
+    groups = {}
+    for item in items:
+        groups.setdefault((item.nodeid.split("::")[0], is_wasm(item)), []).append(item)
+    cost = {key: len(members) * (3 if key[1] else 1) for key, members in groups.items()}
+    halves, load = ([], []), [0, 0]
+    # Longest first, each to the lighter half: deterministic for one collection.
+    for key in sorted(groups, key=lambda key: (-cost[key], key)):
+        lighter = 0 if load[0] <= load[1] else 1
+        halves[lighter].append(key)
+        load[lighter] += cost[key]
+    chosen = set(halves[int(shard[0]) - 1])
+    keep = [item for item in items if (item.nodeid.split("::")[0], is_wasm(item)) in chosen]
     config.hook.pytest_deselected(items=[item for item in items if item not in keep])
     items[:] = keep
 
