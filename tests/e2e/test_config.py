@@ -116,7 +116,7 @@ def test_every_bundled_bootstrap_loads(form):
                                     "UPSTREAM_C_PORT": 9, "UPSTREAM_DEFAULT_PORT": 9,
                                     "WASM_PATH": DIST / "payload_processor.wasm", "ACCESS_LOG": "/dev/null",
                                     "POOL_LISTEN_PORT": 0, "POD_A": "127.0.0.1:9", "POD_B": "127.0.0.1:10",
-                                    "POD_C": "127.0.0.1:11", "MODELS_PORT": 9}))
+                                    "POD_C": "127.0.0.1:11", "MODELS_PORT": 9, "SERVICES_PORT": 9}))
         try:
             envoy.wait_ready()
         finally:
