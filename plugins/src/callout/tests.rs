@@ -582,3 +582,21 @@ fn llama_guard_and_http_callout_judge_streamed_windows_too() {
     let (client, _) = stream_through(general, &chunks, judge);
     assert!(client.contains("how ") && !client.contains("bomb"), "{client}");
 }
+
+#[test]
+fn presidio_masks_a_buffered_answer_too() {
+    let yaml = "processors: [{name: pr, type: presidio, parameters: {cluster: presidio, phase: Response}}]";
+    let mut stream = Stream::new(chain(yaml));
+    let mut host = chat(json!([{"role": "user", "content": "who wrote it?"}]));
+    assert_eq!(
+        run_request_with_callouts(&mut stream, &mut host, |_| unreachable!()),
+        PhaseEnd::Continued
+    );
+    host.response_body =
+        serde_json::to_vec(&json!({"choices": [{"message": {"role": "assistant", "content": "Jörg Müller did"}}]}))
+            .unwrap();
+    let end = run_response_with_callouts(&mut stream, &mut host, presidio_answer);
+    assert_eq!(end, PhaseEnd::Continued);
+    let answer: Value = serde_json::from_slice(&host.response_body).unwrap();
+    assert_eq!(answer["choices"][0]["message"]["content"], "[PERSON] did");
+}
