@@ -34,14 +34,19 @@ impl<'a> EnvoyHost<'a> {
     }
 }
 
+/// A callout's headers as Envoy takes them, and its timeout in whole milliseconds (at least 1).
+fn callout_parts(request: &CalloutRequest) -> (Vec<(&str, &str)>, u64) {
+    let timeout_ms = u64::try_from(request.timeout.as_millis()).unwrap_or(u64::MAX).max(1);
+    (request.header_pairs(), timeout_ms)
+}
+
 fn is_request(dir: Direction) -> bool {
     dir == Direction::Request
 }
 
 impl Host for EnvoyHost<'_> {
     fn http_callout(&mut self, request: &CalloutRequest) -> Result<u64, CalloutError> {
-        let headers = request.header_pairs();
-        let timeout_ms = u64::try_from(request.timeout.as_millis()).unwrap_or(u64::MAX).max(1);
+        let (headers, timeout_ms) = callout_parts(request);
         self.filter
             .http_callout(&request.cluster, &headers, &request.body, timeout_ms)
     }
@@ -197,8 +202,7 @@ impl BackgroundHost for EnvoyBackgroundHost<'_> {
     }
 
     fn http_callout(&mut self, request: &CalloutRequest) -> Result<u64, CalloutError> {
-        let headers = request.header_pairs();
-        let timeout_ms = u64::try_from(request.timeout.as_millis()).unwrap_or(u64::MAX).max(1);
+        let (headers, timeout_ms) = callout_parts(request);
         self.config
             .http_callout(&request.cluster, &headers, &request.body, timeout_ms)
     }

@@ -306,17 +306,11 @@ impl HttpCallout {
 
 impl Plugin for HttpCallout {
     fn request_need(&self) -> PhaseNeed {
-        match self.phase {
-            Phase::Request => PhaseNeed::Body,
-            Phase::Response => PhaseNeed::Skip,
-        }
+        self.phase.need(Direction::Request)
     }
 
     fn response_need(&self) -> PhaseNeed {
-        match self.phase {
-            Phase::Request => PhaseNeed::Skip,
-            Phase::Response => PhaseNeed::Body,
-        }
+        self.phase.need(Direction::Response)
     }
 
     fn request_edits(&self) -> RequestEdits {

@@ -7,8 +7,8 @@
 
 use super::{answer_error, inspected_texts, json_answer, with_detail, Endpoint, Phase, RejectConfig, Windows};
 use payload_processor_core::{
-    BuildContext, CalloutRequest, CalloutResponse, ConfigError, Context, Counter, Decision, EventDecision, LocalReply,
-    PhaseNeed, Plugin, PluginError, RequestEdits, SseEvent, StreamNeed,
+    BuildContext, CalloutRequest, CalloutResponse, ConfigError, Context, Counter, Decision, Direction, EventDecision,
+    LocalReply, PhaseNeed, Plugin, PluginError, RequestEdits, SseEvent, StreamNeed,
 };
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -192,11 +192,7 @@ impl Plugin for LlamaGuard {
     }
 
     fn response_need(&self) -> PhaseNeed {
-        if self.phase == Phase::Response {
-            PhaseNeed::Body
-        } else {
-            PhaseNeed::Skip
-        }
+        self.phase.need(Direction::Response)
     }
 
     fn request_edits(&self) -> RequestEdits {

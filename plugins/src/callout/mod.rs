@@ -44,6 +44,16 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// What a plugin inspecting this phase needs of `direction`: the body there, nothing in
+    /// the other.
+    pub fn need(self, direction: Direction) -> payload_processor_core::PhaseNeed {
+        if self.direction() == direction {
+            payload_processor_core::PhaseNeed::Body
+        } else {
+            payload_processor_core::PhaseNeed::Skip
+        }
+    }
+
     /// The direction the phase inspects.
     pub fn direction(self) -> Direction {
         match self {

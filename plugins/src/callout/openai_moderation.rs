@@ -6,8 +6,8 @@
 
 use super::{inspected_texts, json_answer, with_detail, Endpoint, Phase, RejectConfig, Windows};
 use payload_processor_core::{
-    BuildContext, CalloutRequest, CalloutResponse, ConfigError, Context, Counter, Decision, EventDecision, LocalReply,
-    PhaseNeed, Plugin, PluginError, RequestEdits, SseEvent, StreamNeed,
+    BuildContext, CalloutRequest, CalloutResponse, ConfigError, Context, Counter, Decision, Direction, EventDecision,
+    LocalReply, PhaseNeed, Plugin, PluginError, RequestEdits, SseEvent, StreamNeed,
 };
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -146,19 +146,11 @@ impl OpenaiModeration {
 
 impl Plugin for OpenaiModeration {
     fn request_need(&self) -> PhaseNeed {
-        if self.phase == Phase::Request {
-            PhaseNeed::Body
-        } else {
-            PhaseNeed::Skip
-        }
+        self.phase.need(Direction::Request)
     }
 
     fn response_need(&self) -> PhaseNeed {
-        if self.phase == Phase::Response {
-            PhaseNeed::Body
-        } else {
-            PhaseNeed::Skip
-        }
+        self.phase.need(Direction::Response)
     }
 
     fn request_edits(&self) -> RequestEdits {

@@ -10,8 +10,8 @@ use super::{answer_error, inspected_texts, json_answer, with_detail, Endpoint, P
 use crate::guard::engine::{each_text_mut, inspected_paths};
 use crate::guard::Action;
 use payload_processor_core::{
-    BuildContext, CalloutResponse, ConfigError, Context, Counter, Decision, LocalReply, PhaseNeed, Plugin, PluginError,
-    RequestEdits,
+    BuildContext, CalloutResponse, ConfigError, Context, Counter, Decision, Direction, LocalReply, PhaseNeed, Plugin,
+    PluginError, RequestEdits,
 };
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -248,19 +248,11 @@ impl Presidio {
 
 impl Plugin for Presidio {
     fn request_need(&self) -> PhaseNeed {
-        if self.phase == Phase::Request {
-            PhaseNeed::Body
-        } else {
-            PhaseNeed::Skip
-        }
+        self.phase.need(Direction::Request)
     }
 
     fn response_need(&self) -> PhaseNeed {
-        if self.phase == Phase::Response {
-            PhaseNeed::Body
-        } else {
-            PhaseNeed::Skip
-        }
+        self.phase.need(Direction::Response)
     }
 
     fn request_edits(&self) -> RequestEdits {

@@ -23,6 +23,15 @@ pub(crate) enum BodyBuffer {
     Buffered,
 }
 
+/// The callout id when Envoy started the call, else why it refused.
+fn started_callout(result: i32, id: u64) -> Result<u64, String> {
+    match CalloutInitResult::from_raw(result) {
+        Some(CalloutInitResult::Success) => Ok(id),
+        Some(refused) => Err(refused.describe().to_string()),
+        None => Err(format!("callout refused ({result})")),
+    }
+}
+
 /// Envoy's per-filter-config object. Valid from `config_new` until `config_destroy`; safe code
 /// only uses it inside the hooks Envoy passes it to.
 #[derive(Clone, Copy)]
@@ -103,11 +112,7 @@ impl ConfigHandle {
                 timeout_ms,
             )
         };
-        match CalloutInitResult::from_raw(result) {
-            Some(CalloutInitResult::Success) => Ok(id),
-            Some(refused) => Err(refused.describe().to_string()),
-            None => Err(format!("callout refused ({result})")),
-        }
+        started_callout(result, id)
     }
 
     /// A scheduler whose commits run `on_http_filter_config_scheduled` on the main thread.
@@ -295,11 +300,7 @@ impl FilterHandle {
                 timeout_ms,
             )
         };
-        match CalloutInitResult::from_raw(result) {
-            Some(CalloutInitResult::Success) => Ok(id),
-            Some(refused) => Err(refused.describe().to_string()),
-            None => Err(format!("callout refused ({result})")),
-        }
+        started_callout(result, id)
     }
 
     /// Resumes the request a hook stopped (after a callout's answer).
