@@ -104,6 +104,38 @@ mod tests {
         (host, chain)
     }
 
+    /// Runs `config` on a body the host lends in 7-byte slices (Envoy keeps a body in several
+    /// buffers); answers the host.
+    fn run_in_slices(config: &str, body: &str) -> FakeHost {
+        let chain = Arc::new(Chain::load(config, &builtin_registry()).unwrap());
+        let mut host = FakeHost::request("/v1/chat/completions", &[], body.as_bytes());
+        host.body_slice_bytes = Some(7);
+        let mut stream = Stream::new(chain);
+        assert_eq!(stream.on_request_headers(&mut host, false), HeadersFlow::WaitForBody);
+        assert_eq!(stream.on_request_body(&mut host, true), BodyFlow::Continue);
+        host
+    }
+
+    #[test]
+    fn reads_the_field_where_the_host_keeps_the_body_without_copying_it() {
+        let body =
+            r#"{"messages":[{"role":"user","content":"a prompt long enough to span slices"}],"model":"llama-3-8b"}"#;
+        let host = run_in_slices("processors: [{name: p, type: body-field-to-header}]", body);
+        assert_eq!(header(&host, "x-gateway-model-name"), vec!["llama-3-8b"]);
+        assert_eq!(host.body_reads.get(), 0, "the body was copied out of the host");
+        assert_eq!(host.request_body, body.as_bytes());
+        // A processor that edits the body needs it whole: copied once, for it alone.
+        let host = run_in_slices(
+            "processors: [{name: p, type: body-field-to-header, parameters: {headerName: x-before}}, \
+             {name: r, type: model-rewrite, parameters: {rules: [{model: llama-3-8b, targets: [{model: llama-3.1-8b}]}]}}, \
+             {name: q, type: body-field-to-header, parameters: {headerName: x-after}}]",
+            body,
+        );
+        assert_eq!(header(&host, "x-before"), vec!["llama-3-8b"]);
+        assert_eq!(header(&host, "x-after"), vec!["llama-3.1-8b"]);
+        assert_eq!(host.body_reads.get(), 1);
+    }
+
     fn header(host: &FakeHost, name: &str) -> Vec<String> {
         host.header_values(Direction::Request, name)
     }

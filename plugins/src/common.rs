@@ -19,7 +19,7 @@ pub(crate) fn validate_header_name(name: &str, at: &str) -> Result<(), ConfigErr
 /// Reads a body field as header text: strings as they are, numbers and booleans as their JSON
 /// text; `null` counts as absent. Objects and arrays cannot be a header value.
 pub(crate) fn field_as_text(ctx: &mut Context<'_>, path: &FieldPath) -> Result<Option<String>, PluginError> {
-    let value = ctx.body().get(path).map_err(|err| match err {
+    let value = ctx.body_field(path).map_err(|err| match err {
         JsonError::Path(_) => PluginError::internal("json_path", err.to_string()),
         _ => PluginError::bad_request("invalid_json", err.to_string()),
     })?;

@@ -68,6 +68,13 @@ pub trait Host {
     fn body_len(&self, dir: Direction) -> u64;
     /// The whole body received so far in `dir`, copied out of the proxy's buffers.
     fn read_body(&mut self, dir: Direction) -> Vec<u8>;
+    /// The body received so far in `dir` where the proxy keeps it, as its slices in order, so
+    /// a reader can look at it without a copy. `None` for hosts that cannot lend their buffers
+    /// (the engine then uses [`Host::read_body`]). The slices stay valid while the host is
+    /// borrowed.
+    fn body_slices(&self, _dir: Direction) -> Option<Vec<&[u8]>> {
+        None
+    }
     /// Replaces the whole body of `dir`.
     fn replace_body(&mut self, dir: Direction, body: &[u8]);
     /// Makes the proxy select the route again (after request headers that routes match changed).

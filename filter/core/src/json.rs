@@ -476,19 +476,80 @@ pub fn find_path<'a>(json: &'a [u8], members: &[String]) -> Result<Option<&'a Ra
     Ok(found)
 }
 
+/// Reads the member path `members` of a body the host keeps in slices, in place: only the
+/// value's bytes are copied (when they span two slices) and parsed. `None` when the
+/// structural pass cannot vouch for the body; the caller then reads it whole, and serde_json
+/// decides.
+pub(crate) fn get_in_slices(slices: &[&[u8]], members: &[String]) -> Option<Result<Option<Value>, JsonError>> {
+    match slices {
+        // A small body is usually one slice: read it as one, with the fastest pass.
+        [one] => get_in(*one, members),
+        _ => get_in(&scan::Segments::new(slices), members),
+    }
+}
+
+fn get_in<S: scan::Source + ?Sized>(body: &S, members: &[String]) -> Option<Result<Option<Value>, JsonError>> {
+    let (first, rest) = members.split_first()?;
+    let span = match scan::find_key(body, first) {
+        Ok(scan::Found::Absent) => return Some(Ok(None)),
+        Ok(scan::Found::Twice) => return Some(Err(JsonError::DuplicateKey(first.clone()))),
+        Ok(scan::Found::Once(span)) => span,
+        Err(scan::Unsure) => return None,
+    };
+    let value = body.bytes(span);
+    if rest.is_empty() {
+        // The value is checked in full here; a bad one is worded by the whole-body path.
+        return serde_json::from_slice::<Value>(&value)
+            .ok()
+            .map(|value| Ok(Some(value)));
+    }
+    if !value.trim_ascii_start().starts_with(b"{") {
+        return Some(Ok(None));
+    }
+    Some(find_path(&value, rest).and_then(|raw| {
+        raw.map(|raw| serde_json::from_str(raw.get()).map_err(|err| JsonError::Syntax(err.to_string())))
+            .transpose()
+    }))
+}
+
 /// A body: the original bytes, plus a parsed document once a plugin needed one.
+///
+/// A body the engine has not read yet ([`Body::unread`]) stays in the host's buffers: a
+/// plugin that reads one field gets it in place through [`crate::Context::body_field`], and
+/// the bytes are only copied out when a plugin asks for the whole body
+/// ([`crate::Context::body`]).
 #[derive(Debug, Default)]
 pub struct Body {
     raw: Vec<u8>,
     doc: Option<Value>,
     doc_changed: bool,
     bytes_replaced: bool,
+    unread: bool,
 }
 
 impl Body {
     /// Wraps the bytes as received.
     pub fn new(raw: Vec<u8>) -> Self {
         Self { raw, ..Self::default() }
+    }
+
+    /// A body still in the host's buffers, read on first use.
+    pub(crate) fn unread() -> Self {
+        Self {
+            unread: true,
+            ..Self::default()
+        }
+    }
+
+    /// True while the bytes are only in the host's buffers.
+    pub(crate) fn is_unread(&self) -> bool {
+        self.unread
+    }
+
+    /// The bytes of an unread body, read from the host.
+    pub(crate) fn fill(&mut self, raw: Vec<u8>) {
+        self.raw = raw;
+        self.unread = false;
     }
 
     /// The bytes as received (or as last replaced); a parsed document's edits are not reflected.

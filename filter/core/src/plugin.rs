@@ -2,7 +2,7 @@
 
 use crate::background::{Background, CalloutRequest, CalloutResponse};
 use crate::host::{Direction, Host, MetricId};
-use crate::json::Body;
+use crate::json::{Body, FieldPath, JsonError};
 use crate::metrics::{Counter, Gauge};
 use crate::sse::SseEvent;
 use serde_json::json;
@@ -327,9 +327,28 @@ impl Context<'_> {
         }
     }
 
-    /// The body of the direction being processed (empty for header-only plugins).
+    /// The body of the direction being processed (empty for header-only plugins). The first
+    /// call copies it out of the proxy's buffers; a plugin that only reads fields should use
+    /// [`Context::body_field`], which reads them in place.
     pub fn body(&mut self) -> &mut Body {
+        if self.body.is_unread() {
+            self.body.fill(self.host.read_body(self.direction));
+        }
         self.body
+    }
+
+    /// Reads one field of the body, as [`Body::get`] does. While no plugin has asked for the
+    /// whole body, a field named by member names is found where the proxy keeps the body,
+    /// without copying it.
+    pub fn body_field(&mut self, path: &FieldPath) -> Result<Option<serde_json::Value>, JsonError> {
+        if let (true, FieldPath::Members(members)) = (self.body.is_unread(), path) {
+            if let Some(slices) = self.host.body_slices(self.direction) {
+                if let Some(answer) = crate::json::get_in_slices(&slices, members) {
+                    return answer;
+                }
+            }
+        }
+        self.body().get(path)
     }
 
     /// Writes a string into the stream's dynamic metadata.

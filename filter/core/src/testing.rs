@@ -74,6 +74,11 @@ pub struct FakeHost {
     pub callouts: Vec<(u64, CalloutRequest)>,
     /// When set, every stream callout fails to start with this reason.
     pub refuse_callouts: Option<String>,
+    /// When set, the host lends its bodies in slices of this many bytes
+    /// ([`Host::body_slices`]), as Envoy keeps a body in several buffers.
+    pub body_slice_bytes: Option<usize>,
+    /// How often the engine copied a body out ([`Host::read_body`]).
+    pub body_reads: std::cell::Cell<usize>,
 }
 
 impl FakeHost {
@@ -159,7 +164,15 @@ impl Host for FakeHost {
             Direction::Response => self.response_body.len() as u64,
         }
     }
+    fn body_slices(&self, dir: Direction) -> Option<Vec<&[u8]>> {
+        let body = match dir {
+            Direction::Request => &self.request_body,
+            Direction::Response => &self.response_body,
+        };
+        Some(body.chunks(self.body_slice_bytes?.max(1)).collect())
+    }
     fn read_body(&mut self, dir: Direction) -> Vec<u8> {
+        self.body_reads.set(self.body_reads.get() + 1);
         match dir {
             Direction::Request => self.request_body.clone(),
             Direction::Response => self.response_body.clone(),

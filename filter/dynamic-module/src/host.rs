@@ -78,6 +78,15 @@ impl Host for EnvoyHost<'_> {
             .sum()
     }
 
+    fn body_slices(&self, dir: Direction) -> Option<Vec<&[u8]>> {
+        let request = is_request(dir);
+        let mut slices = Vec::new();
+        for buffer in self.buffers(request) {
+            self.filter.body_chunks(request, *buffer, &mut slices);
+        }
+        Some(slices)
+    }
+
     fn read_body(&mut self, dir: Direction) -> Vec<u8> {
         let request = is_request(dir);
         let mut body = Vec::with_capacity(self.body_len(dir) as usize);

@@ -126,6 +126,10 @@ impl Stream {
                 }
                 match host.http_callout(&request) {
                     Ok(handle) => {
+                        // The wait outlives this callback: keep the bytes, not the host's buffers.
+                        if body.is_unread() {
+                            body.fill(host.read_body(direction));
+                        }
                         log::debug!(
                             "processor {} waits for a callout to cluster {}",
                             processor.name,
@@ -186,6 +190,10 @@ impl Stream {
             headers_sent,
             emitted,
         } = scope;
+        if body.is_unread() {
+            // A trace shows the body after each processor.
+            body.fill(host.read_body(direction));
+        }
         let started = host.now_nanos();
         let inner = Scope {
             direction,
@@ -229,7 +237,8 @@ impl Stream {
         let started = host.now_nanos();
         let deadline_nanos = processor.timeout_nanos.map(|budget| started.saturating_add(budget));
         let started_nanos = self.started_nanos;
-        let state = &mut self.states[index];
+        // A slot of its own for this call; kept in `states` only once a processor keeps state.
+        let mut state = self.states.get_mut(index).and_then(Option::take);
         let derived = &mut self.derived;
         let response_redacted = &mut self.response_redacted;
         let outcome = catch_unwind(AssertUnwindSafe(|| {
@@ -241,7 +250,7 @@ impl Stream {
                 deadline_nanos,
                 counters: &processor.counters,
                 gauges: &processor.gauges,
-                state,
+                state: &mut state,
                 derived,
                 response_redacted,
                 started_nanos,
@@ -250,6 +259,12 @@ impl Stream {
             };
             call(processor.plugin.as_ref(), &mut ctx)
         }));
+        if state.is_some() {
+            if self.states.len() <= index {
+                self.states.resize_with(chain.processors.len(), || None);
+            }
+            self.states[index] = state;
+        }
         if let Some(changed) = changed_headers {
             *changed |= request_headers_changed;
         }

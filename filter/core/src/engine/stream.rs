@@ -367,8 +367,9 @@ impl Stream {
             return BodyFlow::Buffer;
         }
         *self.state(direction) = PhaseState::Done;
-        let body = Body::new(host.read_body(direction));
-        match self.run(host, direction, body, false, true) {
+        // Left in the host's buffers: plugins that read fields read them there, and the bytes
+        // are copied out only for one that asks for the whole body.
+        match self.run(host, direction, Body::unread(), false, true) {
             RunOutcome::Done => BodyFlow::Continue,
             RunOutcome::Replied => BodyFlow::Stop,
             RunOutcome::Waiting => BodyFlow::WaitForCallout,

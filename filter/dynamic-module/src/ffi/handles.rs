@@ -215,6 +215,17 @@ impl FilterHandle {
     }
 
     pub(crate) fn append_body_to(&self, request: bool, buffer: BodyBuffer, out: &mut Vec<u8>) {
+        let mut chunks = Vec::new();
+        self.body_chunks(request, buffer, &mut chunks);
+        for chunk in chunks {
+            out.extend_from_slice(chunk);
+        }
+    }
+
+    /// Appends the slices of one body buffer to `out`, in place. They borrow `self`: the host
+    /// that lends them holds this handle, and Envoy only changes the buffer through calls that
+    /// need that host mutably (drain, append, continue) or after the hook returns.
+    pub(crate) fn body_chunks<'h>(&'h self, request: bool, buffer: BodyBuffer, out: &mut Vec<&'h [u8]>) {
         let kind = body_type(request, buffer);
         // SAFETY: the filter pointer of the current hook; buffers outlive the call.
         let count = unsafe { envoy_dynamic_module_callback_http_get_body_chunks_size(self.0, kind) };
@@ -230,9 +241,7 @@ impl FilterHandle {
         ];
         // SAFETY: the filter pointer of the current hook; buffers outlive the call.
         if unsafe { envoy_dynamic_module_callback_http_get_body_chunks(self.0, kind, chunks.as_mut_ptr()) } {
-            for chunk in chunks {
-                out.extend_from_slice(envoy_bytes(chunk));
-            }
+            out.extend(chunks.into_iter().map(envoy_bytes).filter(|chunk| !chunk.is_empty()));
         }
     }
 
