@@ -14,8 +14,8 @@ impl Stream {
         let chain = Arc::clone(&self.chain);
         self.started_nanos = host.now_nanos();
         self.active = chain.processors.iter().map(|p| p.matcher.matches(host)).collect();
-        self.response_active = vec![false; chain.processors.len()];
-        self.states = chain.processors.iter().map(|_| None).collect();
+        // `response_active` is sized when response headers arrive, `states` when a processor
+        // first keeps state: a routing-only request allocates neither.
         let reads_response = chain
             .processors
             .iter()

@@ -36,8 +36,8 @@ impl Stream {
             .map(|e| e.trim().to_ascii_lowercase())
             .filter(|e| !e.is_empty() && e != "identity");
         let mut hold_back: Option<usize> = None;
+        self.response_active = vec![false; chain.processors.len()];
         for (index, processor) in chain.processors.iter().enumerate() {
-            self.response_active[index] = false;
             if !self.active[index] {
                 continue;
             }
