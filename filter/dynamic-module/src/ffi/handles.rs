@@ -232,16 +232,29 @@ impl FilterHandle {
         if count == 0 {
             return;
         }
-        let mut chunks = vec![
-            EnvoyBuffer {
-                ptr: ptr::null(),
-                length: 0
-            };
-            count
-        ];
-        // SAFETY: the filter pointer of the current hook; buffers outlive the call.
+        // Envoy writes one descriptor per slice: on the stack for the usual few slices.
+        const ON_STACK: usize = 16;
+        let empty = EnvoyBuffer {
+            ptr: ptr::null(),
+            length: 0,
+        };
+        let mut small = [empty; ON_STACK];
+        let mut large = Vec::new();
+        let chunks: &mut [EnvoyBuffer] = if count <= ON_STACK {
+            &mut small[..count]
+        } else {
+            large.resize(count, empty);
+            &mut large
+        };
+        // SAFETY: the filter pointer of the current hook; `chunks` has room for `count`
+        // descriptors, as Envoy requires; the slices stay valid while the hook runs.
         if unsafe { envoy_dynamic_module_callback_http_get_body_chunks(self.0, kind, chunks.as_mut_ptr()) } {
-            out.extend(chunks.into_iter().map(envoy_bytes).filter(|chunk| !chunk.is_empty()));
+            out.extend(
+                chunks
+                    .iter()
+                    .map(|chunk| envoy_bytes(*chunk))
+                    .filter(|chunk| !chunk.is_empty()),
+            );
         }
     }
 

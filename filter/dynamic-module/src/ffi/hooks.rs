@@ -224,6 +224,9 @@ thread_local! {
     static IN_HOOK: Cell<*const c_void> = const { Cell::new(ptr::null()) };
     /// Answers that came inline, delivered once the hook returned.
     static EARLY: RefCell<Vec<EarlyAnswer>> = const { RefCell::new(Vec::new()) };
+    /// Set when `EARLY` got an answer: the usual hook looks at this flag only (a cheaper
+    /// thread-local than the queue, which has a destructor).
+    static EARLY_PENDING: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Runs `work` on `filter` as the hook of this thread, then delivers any answer that came
@@ -233,8 +236,10 @@ fn in_hook<T>(envoy: *mut c_void, filter: &mut HttpFilter, work: impl FnOnce(&mu
     let outer = IN_HOOK.with(|hook| hook.replace(pointer));
     let value = work(filter);
     IN_HOOK.with(|hook| hook.set(outer));
-    while let Some((id, outcome)) = EARLY.with(|early| early.borrow_mut().pop()) {
-        deliver_callout(envoy, filter, id, outcome);
+    if EARLY_PENDING.with(|pending| pending.replace(false)) {
+        while let Some((id, outcome)) = EARLY.with(|early| early.borrow_mut().pop()) {
+            deliver_callout(envoy, filter, id, outcome);
+        }
     }
     value
 }
@@ -262,6 +267,7 @@ pub unsafe fn on_filter_callout_done(
     if IN_HOOK.with(Cell::get) == filter {
         // Inline, inside a hook of this very filter: keep it for when that hook returns.
         EARLY.with(|early| early.borrow_mut().push((id, outcome)));
+        EARLY_PENDING.with(|pending| pending.set(true));
         return;
     }
     // SAFETY: `filter` came from `on_filter_new`, Envoy calls one hook of a stream at a time,
