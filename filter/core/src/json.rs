@@ -351,6 +351,39 @@ pub fn find_member<'a>(json: &'a [u8], key: &str) -> Result<Option<&'a RawValue>
     }
 }
 
+/// Where the top-level members `keys` are in the JSON object `json`, in one pass: each value's
+/// span, its text as the client wrote it. Unlike [`find_member`] the values are not checked in
+/// full (a reader that only hashes or copies them need not pay for it); the structure is, and
+/// a key that occurs twice is an error.
+pub fn find_member_spans<const N: usize>(
+    json: &[u8],
+    keys: [&str; N],
+) -> Result<[Option<std::ops::Range<usize>>; N], JsonError> {
+    let found = match scan::find_keys(json, keys) {
+        Ok(found) => found,
+        // serde_json decides, and words the error.
+        Err(scan::Unsure) => {
+            let mut spans: [Option<std::ops::Range<usize>>; N] = std::array::from_fn(|_| None);
+            for (span, key) in spans.iter_mut().zip(keys) {
+                *span = find_member(json, key)?.map(|raw| {
+                    let start = offset_in(json, raw.get().as_bytes());
+                    start..start + raw.get().len()
+                });
+            }
+            return Ok(spans);
+        }
+    };
+    let mut spans: [Option<std::ops::Range<usize>>; N] = std::array::from_fn(|_| None);
+    for ((span, found), key) in spans.iter_mut().zip(found).zip(keys) {
+        *span = match found {
+            scan::Found::Absent => None,
+            scan::Found::Once(range) => Some(range),
+            scan::Found::Twice => return Err(JsonError::DuplicateKey(key.to_string())),
+        };
+    }
+    Ok(spans)
+}
+
 /// [`find_member`] by serde_json alone: the authority on malformed bodies and their messages.
 fn find_member_by_serde<'a>(json: &'a [u8], key: &str) -> Result<Option<&'a RawValue>, JsonError> {
     let mut found = None;
@@ -864,5 +897,22 @@ mod tests {
         assert!(FieldPath::parse("").is_err());
         assert!(FieldPath::parse("$[").is_err());
         assert!(FieldPath::parse("$").is_err());
+    }
+
+    #[test]
+    fn member_spans_come_from_one_pass_and_agree_with_find_member() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true}"#;
+        let [model, messages, absent] = find_member_spans(body, ["model", "messages", "prompt"]).unwrap();
+        assert_eq!(&body[model.unwrap()], br#""m""#);
+        assert_eq!(&body[messages.unwrap()], br#"[{"role":"user","content":"hi"}]"#);
+        assert_eq!(absent, None);
+        // A duplicate, even escaped, is refused; a body the pass cannot vouch for goes to serde.
+        assert!(matches!(
+            find_member_spans(br#"{"model":"a","mod\u0065l":"b"}"#, ["model", "messages"]),
+            Err(JsonError::DuplicateKey(_))
+        ));
+        assert!(matches!(find_member_spans(b"{\"model\":", ["model"]), Err(JsonError::Syntax(_))));
+        let spaced = b" { \"model\" : \"m\" } ";
+        assert_eq!(&spaced[find_member_spans(spaced, ["model"]).unwrap()[0].clone().unwrap()], b"\"m\"");
     }
 }

@@ -3,13 +3,11 @@
 
 use super::*;
 use crate::common::validate_header_name;
-use payload_processor_core::json::find_member;
+use payload_processor_core::json::find_member_spans;
 use payload_processor_core::{
     Background, BuildContext, ConfigError, Context, Counter, Decision, Gauge, LocalReply, PhaseNeed, Plugin,
     PluginError, RequestEdits,
 };
-use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::Value;
 use std::collections::HashSet;
 use std::hash::BuildHasher;
@@ -263,21 +261,6 @@ pub(super) struct PickState {
 /// Anthropic's `system`, chat `messages`, the responses API's `input`, a completions `prompt`.
 pub(super) const PROMPT_MEMBERS: [&str; 4] = ["system", "messages", "input", "prompt"];
 
-/// The members the picker reads, borrowed from the body in one pass without building a tree.
-#[derive(Deserialize)]
-pub(super) struct RawRequest<'a> {
-    #[serde(borrow, default)]
-    pub(super) model: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    pub(super) system: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    pub(super) messages: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    pub(super) input: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    pub(super) prompt: Option<&'a RawValue>,
-}
-
 /// The model and the prompt bytes of a request body. The prompt is the members' JSON text as
 /// the client wrote it: one application writes the same system prompt the same way every time,
 /// which is what prefix affinity needs, and it costs one scan instead of a parse. At most
@@ -288,7 +271,6 @@ pub(super) fn model_and_prompt(
     limit: usize,
 ) -> Result<(String, Vec<u8>), PluginError> {
     let invalid = |err: String| PluginError::bad_request("invalid_json", err);
-    let as_text = |raw: Option<&RawValue>| raw.and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
     if body.is_changed() {
         // An earlier processor edited the document: read the edited one.
         let doc = body.doc().map_err(|err| invalid(err.to_string()))?;
@@ -307,18 +289,24 @@ pub(super) fn model_and_prompt(
         return Ok((model, prompt));
     }
     let raw = body.raw();
-    let fields: RawRequest<'_> = serde_json::from_slice(raw).map_err(|err| invalid(err.to_string()))?;
-    let model = if model_field == "model" {
-        as_text(fields.model)
-    } else {
-        as_text(find_member(raw, model_field).map_err(|err| invalid(err.to_string()))?)
-    };
+    // One structural pass finds the model and the prompt members; only `limit` prompt bytes
+    // are copied.
+    let [model, system, messages, input, prompt_member] = find_member_spans(
+        raw,
+        [
+            model_field,
+            PROMPT_MEMBERS[0],
+            PROMPT_MEMBERS[1],
+            PROMPT_MEMBERS[2],
+            PROMPT_MEMBERS[3],
+        ],
+    )
+    .map_err(|err| invalid(err.to_string()))?;
+    let model = model.and_then(|span| serde_json::from_slice::<String>(&raw[span]).ok());
     let mut prompt = Vec::new();
-    for member in [fields.system, fields.messages, fields.input, fields.prompt]
-        .into_iter()
-        .flatten()
-    {
-        prompt.extend_from_slice(member.get().as_bytes());
+    for span in [system, messages, input, prompt_member].into_iter().flatten() {
+        let room = limit.saturating_sub(prompt.len());
+        prompt.extend_from_slice(&raw[span.start..span.end.min(span.start + room)]);
     }
     Ok((model.unwrap_or_default(), prompt))
 }

@@ -26,14 +26,18 @@ pub fn block_hashes(model: &str, prompt: &[u8], block_size: usize, max_blocks: u
 
 /// One LRU of block hashes per endpoint.
 pub struct PrefixIndex {
-    endpoints: Vec<Mutex<LruCache<u64, ()>>>,
+    endpoints: Vec<Mutex<LruCache<u64, (), foldhash::fast::RandomState>>>,
 }
 
 impl PrefixIndex {
     /// An empty index for `endpoints` endpoints, each remembering `capacity` blocks.
     pub fn new(endpoints: usize, capacity: NonZeroUsize) -> Self {
         Self {
-            endpoints: (0..endpoints).map(|_| Mutex::new(LruCache::new(capacity))).collect(),
+            // Keys are block hashes: a light seeded hasher (SipHash was a fifth of the
+            // picker's cost per request), still seeded so clients cannot aim at one bucket.
+            endpoints: (0..endpoints)
+                .map(|_| Mutex::new(LruCache::with_hasher(capacity, foldhash::fast::RandomState::default())))
+                .collect(),
         }
     }
 

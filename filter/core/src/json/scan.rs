@@ -185,10 +185,17 @@ pub(crate) enum Found {
 
 /// Scans the whole top-level object in `json` (and so checks its structure) for `key`.
 pub(crate) fn find_key<S: Source + ?Sized>(json: &S, key: &str) -> Result<Found, Unsure> {
+    let [found] = find_keys(json, [key])?;
+    Ok(found)
+}
+
+/// [`find_key`] for several keys in the same pass.
+pub(crate) fn find_keys<S: Source + ?Sized, const N: usize>(json: &S, keys: [&str; N]) -> Result<[Found; N], Unsure> {
     let mut pos = skip_ws(json, 0);
     expect(json, pos, b'{')?;
     pos = skip_ws(json, pos + 1);
-    let mut found = None;
+    let mut found: [Option<Range<usize>>; N] = std::array::from_fn(|_| None);
+    let mut twice = [false; N];
     // The closing brackets of open containers, reused by every value skipped.
     let mut open: Vec<u8> = Vec::new();
     if json.at(pos) == Some(b'}') {
@@ -196,13 +203,16 @@ pub(crate) fn find_key<S: Source + ?Sized>(json: &S, key: &str) -> Result<Found,
     } else {
         loop {
             let (name_end, value_start) = member_name(json, pos)?;
-            let is_key = key_equals(json, pos..name_end, key)?;
+            let mut is_key = [false; N];
+            for (index, key) in keys.iter().enumerate() {
+                is_key[index] = key_equals(json, pos..name_end, key)?;
+            }
             pos = skip_value(json, value_start, &mut open)?;
-            if is_key {
-                if found.is_some() {
-                    return Ok(Found::Twice);
+            for index in 0..N {
+                if is_key[index] {
+                    twice[index] |= found[index].is_some();
+                    found[index] = Some(value_start..pos);
                 }
-                found = Some(value_start..pos);
             }
             pos = skip_ws(json, pos);
             match json.at(pos) {
@@ -218,7 +228,16 @@ pub(crate) fn find_key<S: Source + ?Sized>(json: &S, key: &str) -> Result<Found,
     if skip_ws(json, pos) != json.size() {
         return Err(Unsure);
     }
-    Ok(found.map_or(Found::Absent, Found::Once))
+    let mut index = 0;
+    Ok(found.map(|span| {
+        let twice = twice[index];
+        index += 1;
+        match span {
+            _ if twice => Found::Twice,
+            Some(span) => Found::Once(span),
+            None => Found::Absent,
+        }
+    }))
 }
 
 #[inline]
