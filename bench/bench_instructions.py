@@ -89,8 +89,11 @@ def count(name, spec, nginx, bodies, requests, work):
     listener_port = bench.free_port()
     config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] = listener_port
     config_path = work / f"{name}.json"
-    config_path.write_text(json.dumps(config).replace(
-        "{{EPP_ENDPOINTS}}", ", ".join(f"'127.0.0.1:{port}'" for port in nginx.ports)))
+    text = json.dumps(config).replace("{{EPP_ENDPOINTS}}", ", ".join(f"'127.0.0.1:{port}'" for port in nginx.ports))
+    wasm = MODULE_DIR / "payload_processor.wasm"
+    if wasm.exists():  # the .wasm next to the .so of --module-dir
+        text = text.replace(str(DIST / "payload_processor.wasm"), str(wasm))
+    config_path.write_text(text)
     out = work / f"{name}.callgrind"
     env = {"ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(MODULE_DIR), "PATH": "/usr/bin:/bin"}
     proc = subprocess.Popen(
