@@ -73,8 +73,31 @@ fn guards(c: &mut Criterion) {
                 });
             }
         }
+        // The exact chain and body `bench/bench.sh` sends through Envoy (variant
+        // guards_dynamic_module): what the guards cost in Envoy is compared with this.
+        let chain = format!(
+            "processors:\n  - name: route-by-model\n    type: body-field-to-header\n  - name: pii\n    type: pii-guard\n    \
+             parameters: {{direction: Request}}\n{prompt_guard}"
+        );
+        let case = Case::new(&chain, "/v1/chat/completions", &[JSON], side_by_side_body(size));
+        case.check();
+        group.bench_function("side_by_side_chain", |b| {
+            b.iter_batched_ref(|| case.host(), |host| case.run(host), BatchSize::SmallInput)
+        });
         group.finish();
     }
+}
+
+/// `bench.chat_body(size, model_last=True)` of `bench/bench.py`: a short system prompt, a user
+/// prompt padded with one repeated letter, `model` last.
+fn side_by_side_body(size: usize) -> Vec<u8> {
+    let build = |pad: usize| {
+        format!(
+            r#"{{"messages":[{{"role":"system","content":"You are a helpful assistant."}},{{"role":"user","content":"Summarise the report and list the risks. {}"}}],"max_tokens":256,"stream":false,"model":"llama-3-8b"}}"#,
+            "x".repeat(pad)
+        )
+    };
+    build(size.saturating_sub(build(0).len())).into_bytes()
 }
 
 /// A weights file of the trained shape (2^16 int8 buckets); the cost of scoring does not

@@ -333,7 +333,7 @@ impl BodyMutation {
                         Some(value) => Value::String(value),
                         None => return Ok(false),
                     },
-                    Source::Body(from) => match ctx.body().get(from).map_err(invalid_json)? {
+                    Source::Body(from) => match ctx.body_field(from).map_err(invalid_json)? {
                         Some(value) => value,
                         None => return Ok(false),
                     },

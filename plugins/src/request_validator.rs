@@ -204,14 +204,14 @@ impl Plugin for RequestValidator {
         }
         // Deadlines first: the cheapest and the most final.
         let doc_deadline = match &self.deadline_field {
-            Some(path) => ctx.body().get(path).map_err(invalid)?,
+            Some(path) => ctx.body_field(path).map_err(invalid)?,
             None => None,
         };
         if let Some(refusal) = self.check_deadline(ctx, doc_deadline) {
             return Ok(refusal);
         }
         for path in &self.required {
-            if matches!(ctx.body().get(path).map_err(invalid)?, None | Some(Value::Null)) {
+            if matches!(ctx.body_field(path).map_err(invalid)?, None | Some(Value::Null)) {
                 return Ok(refuse(
                     400,
                     "missing_field",

@@ -417,7 +417,7 @@ impl Plugin for TokenUsage {
         if !matches!(Api::from_path(&path), Api::OpenAiChat | Api::OpenAiCompletions) {
             return Ok(Decision::Continue);
         }
-        let asked = match (ctx.body().get(&self.stream_path), ctx.body().get(&self.include_path)) {
+        let asked = match (ctx.body_field(&self.stream_path), ctx.body_field(&self.include_path)) {
             (Ok(stream), Ok(include)) => (stream == Some(Value::Bool(true))).then_some(include),
             _ => {
                 ctx.increment(self.unreadable);

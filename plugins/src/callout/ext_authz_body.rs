@@ -139,7 +139,7 @@ impl Plugin for ExtAuthzBody {
         let mut fields = Map::new();
         if !ctx.body().is_blank() {
             for (key, path) in &self.fields {
-                let value = ctx.body().get(path).map_err(|err| {
+                let value = ctx.body_field(path).map_err(|err| {
                     PluginError::bad_request("invalid_json", format!("the request body cannot be read: {err}"))
                 })?;
                 if let Some(value) = value {
