@@ -384,6 +384,36 @@ pub fn find_member_spans<const N: usize>(
     Ok(spans)
 }
 
+/// [`find_member_spans`] over a body the host keeps in slices: each member's JSON text, at most
+/// `limit` bytes of it, copied out (nothing else is). `None` when the structural pass cannot
+/// vouch for the body; the caller then reads it whole.
+pub(crate) fn member_texts_in_slices<const N: usize>(
+    slices: &[&[u8]],
+    keys: [&str; N],
+    limit: usize,
+) -> Option<Result<[Option<Vec<u8>>; N], JsonError>> {
+    fn texts<S: scan::Source + ?Sized, const N: usize>(
+        body: &S,
+        keys: [&str; N],
+        limit: usize,
+    ) -> Option<Result<[Option<Vec<u8>>; N], JsonError>> {
+        let found = scan::find_keys(body, keys).ok()?;
+        let mut texts: [Option<Vec<u8>>; N] = std::array::from_fn(|_| None);
+        for ((text, found), key) in texts.iter_mut().zip(found).zip(keys) {
+            *text = match found {
+                scan::Found::Absent => None,
+                scan::Found::Once(span) => Some(body.bytes(span.start..span.end.min(span.start + limit)).into_owned()),
+                scan::Found::Twice => return Some(Err(JsonError::DuplicateKey(key.to_string()))),
+            };
+        }
+        Some(Ok(texts))
+    }
+    match slices {
+        [one] => texts(*one, keys, limit),
+        _ => texts(&scan::Segments::new(slices), keys, limit),
+    }
+}
+
 /// [`find_member`] by serde_json alone: the authority on malformed bodies and their messages.
 fn find_member_by_serde<'a>(json: &'a [u8], key: &str) -> Result<Option<&'a RawValue>, JsonError> {
     let mut found = None;
@@ -911,8 +941,34 @@ mod tests {
             find_member_spans(br#"{"model":"a","mod\u0065l":"b"}"#, ["model", "messages"]),
             Err(JsonError::DuplicateKey(_))
         ));
-        assert!(matches!(find_member_spans(b"{\"model\":", ["model"]), Err(JsonError::Syntax(_))));
+        assert!(matches!(
+            find_member_spans(b"{\"model\":", ["model"]),
+            Err(JsonError::Syntax(_))
+        ));
         let spaced = b" { \"model\" : \"m\" } ";
-        assert_eq!(&spaced[find_member_spans(spaced, ["model"]).unwrap()[0].clone().unwrap()], b"\"m\"");
+        assert_eq!(
+            &spaced[find_member_spans(spaced, ["model"]).unwrap()[0].clone().unwrap()],
+            b"\"m\""
+        );
+    }
+
+    #[test]
+    fn member_texts_are_read_in_slices_and_cut_at_the_limit() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"a long prompt"}],"x":1}"#;
+        for size in [1, 3, 7, body.len()] {
+            let slices: Vec<&[u8]> = body.chunks(size).collect();
+            let [model, messages, absent] = member_texts_in_slices(&slices, ["model", "messages", "prompt"], 12)
+                .unwrap()
+                .unwrap();
+            assert_eq!(model.as_deref(), Some(&br#""m""#[..]), "slices of {size}");
+            assert_eq!(messages.as_deref(), Some(&br#"[{"role":"us"#[..]));
+            assert_eq!(absent, None);
+        }
+        let twice = br#"{"model":"a","model":"b"}"#;
+        assert!(matches!(
+            member_texts_in_slices(&[&twice[..5], &twice[5..]], ["model"], 10),
+            Some(Err(JsonError::DuplicateKey(_)))
+        ));
+        assert!(member_texts_in_slices(&[b"{\"model\":"], ["model"], 10).is_none());
     }
 }

@@ -351,6 +351,39 @@ impl Context<'_> {
         self.body().get(path)
     }
 
+    /// The JSON text of top-level members of the body as the client wrote it (at most `limit`
+    /// bytes of each), found in one pass; `None` for an absent member. Read in place while no
+    /// plugin has asked for the whole body; from the body as it stands (edits included)
+    /// otherwise. The values are not validated beyond the document's structure.
+    pub fn body_member_texts<const N: usize>(
+        &mut self,
+        keys: [&str; N],
+        limit: usize,
+    ) -> Result<[Option<Vec<u8>>; N], JsonError> {
+        if self.body.is_unread() {
+            if let Some(slices) = self.host.body_slices(self.direction) {
+                if let Some(answer) = crate::json::member_texts_in_slices(&slices, keys, limit) {
+                    return answer;
+                }
+            }
+        }
+        let body = self.body();
+        if body.is_changed() {
+            // An earlier processor edited the document: read the edited one.
+            let doc = body.doc()?;
+            return Ok(keys.map(|key| {
+                doc.get(key).map(|value| {
+                    let mut text = serde_json::to_vec(value).expect("a Value always serializes");
+                    text.truncate(limit);
+                    text
+                })
+            }));
+        }
+        let raw = body.raw();
+        let spans = crate::json::find_member_spans(raw, keys)?;
+        Ok(spans.map(|span| span.map(|span| raw[span.start..span.end.min(span.start + limit)].to_vec())))
+    }
+
     /// Writes a string into the stream's dynamic metadata.
     pub fn set_metadata(&mut self, namespace: &str, key: &str, value: &str) {
         self.host.set_metadata(namespace, key, value);

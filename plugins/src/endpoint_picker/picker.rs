@@ -3,7 +3,6 @@
 
 use super::*;
 use crate::common::validate_header_name;
-use payload_processor_core::json::find_member_spans;
 use payload_processor_core::{
     Background, BuildContext, ConfigError, Context, Counter, Decision, Gauge, LocalReply, PhaseNeed, Plugin,
     PluginError, RequestEdits,
@@ -263,50 +262,31 @@ pub(super) const PROMPT_MEMBERS: [&str; 4] = ["system", "messages", "input", "pr
 
 /// The model and the prompt bytes of a request body. The prompt is the members' JSON text as
 /// the client wrote it: one application writes the same system prompt the same way every time,
-/// which is what prefix affinity needs, and it costs one scan instead of a parse. At most
-/// `limit` prompt bytes are kept: only those get hashed.
+/// which is what prefix affinity needs, and it costs one scan instead of a parse. The members
+/// are read where the proxy keeps the body, and at most `limit` prompt bytes are copied: only
+/// those get hashed.
 pub(super) fn model_and_prompt(
-    body: &mut payload_processor_core::Body,
+    ctx: &mut Context<'_>,
     model_field: &str,
     limit: usize,
 ) -> Result<(String, Vec<u8>), PluginError> {
-    let invalid = |err: String| PluginError::bad_request("invalid_json", err);
-    if body.is_changed() {
-        // An earlier processor edited the document: read the edited one.
-        let doc = body.doc().map_err(|err| invalid(err.to_string()))?;
-        let model = doc
-            .get(model_field)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
-        let mut prompt = Vec::new();
-        for member in PROMPT_MEMBERS {
-            if let Some(value) = doc.get(member) {
-                serde_json::to_writer(&mut prompt, value).map_err(|err| invalid(err.to_string()))?;
-            }
-        }
-        prompt.truncate(limit);
-        return Ok((model, prompt));
-    }
-    let raw = body.raw();
-    // One structural pass finds the model and the prompt members; only `limit` prompt bytes
-    // are copied.
-    let [model, system, messages, input, prompt_member] = find_member_spans(
-        raw,
-        [
-            model_field,
-            PROMPT_MEMBERS[0],
-            PROMPT_MEMBERS[1],
-            PROMPT_MEMBERS[2],
-            PROMPT_MEMBERS[3],
-        ],
-    )
-    .map_err(|err| invalid(err.to_string()))?;
-    let model = model.and_then(|span| serde_json::from_slice::<String>(&raw[span]).ok());
+    let [model, system, messages, input, prompt_member] = ctx
+        .body_member_texts(
+            [
+                model_field,
+                PROMPT_MEMBERS[0],
+                PROMPT_MEMBERS[1],
+                PROMPT_MEMBERS[2],
+                PROMPT_MEMBERS[3],
+            ],
+            limit,
+        )
+        .map_err(|err| PluginError::bad_request("invalid_json", err.to_string()))?;
+    let model = model.and_then(|text| serde_json::from_slice::<String>(&text).ok());
     let mut prompt = Vec::new();
-    for span in [system, messages, input, prompt_member].into_iter().flatten() {
+    for text in [system, messages, input, prompt_member].into_iter().flatten() {
         let room = limit.saturating_sub(prompt.len());
-        prompt.extend_from_slice(&raw[span.start..span.end.min(span.start + room)]);
+        prompt.extend_from_slice(&text[..text.len().min(room)]);
     }
     Ok((model.unwrap_or_default(), prompt))
 }
@@ -450,7 +430,7 @@ impl EndpointPicker {
             .prefix_config
             .block_size
             .saturating_mul(self.prefix_config.max_blocks);
-        let (model, prompt) = model_and_prompt(ctx.body(), &self.model_field, limit)?;
+        let (model, prompt) = model_and_prompt(ctx, &self.model_field, limit)?;
         let blocks = if self.weights.prefix_cache > 0.0 {
             block_hashes(
                 &model,
