@@ -440,13 +440,17 @@ impl Plugin for TokenUsage {
 
     fn on_response(&self, ctx: &mut Context<'_>) -> Result<Decision, PluginError> {
         self.remove_spoofed_headers(ctx);
-        if ctx.body().is_blank() {
+        if ctx.body_is_blank() {
             return Ok(Decision::Continue);
         }
-        let (usage, model) = match ctx.body().doc() {
-            Ok(doc) => (
-                doc.get("usage").and_then(Usage::from_value),
-                doc.get("model").and_then(Value::as_str).map(str::to_string),
+        // Two members read where Envoy keeps the answer: no copy, no parse of the whole answer.
+        let (usage, model) = match ctx.body_member_texts(["usage", "model"], usize::MAX) {
+            Ok([usage, model]) => (
+                usage
+                    .and_then(|text| serde_json::from_slice::<Value>(&text).ok())
+                    .as_ref()
+                    .and_then(Usage::from_value),
+                model.and_then(|text| serde_json::from_slice::<String>(&text).ok()),
             ),
             Err(_) => {
                 ctx.increment(self.unreadable);

@@ -402,7 +402,10 @@ pub(crate) fn member_texts_in_slices<const N: usize>(
         for ((text, found), key) in texts.iter_mut().zip(found).zip(keys) {
             *text = match found {
                 scan::Found::Absent => None,
-                scan::Found::Once(span) => Some(body.bytes(span.start..span.end.min(span.start + limit)).into_owned()),
+                scan::Found::Once(span) => Some(
+                    body.bytes(span.start..span.end.min(span.start.saturating_add(limit)))
+                        .into_owned(),
+                ),
                 scan::Found::Twice => return Some(Err(JsonError::DuplicateKey(key.to_string()))),
             };
         }

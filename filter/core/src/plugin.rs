@@ -351,6 +351,16 @@ impl Context<'_> {
         self.body().get(path)
     }
 
+    /// True when the body is empty or only whitespace, looked at in place while unread.
+    pub fn body_is_blank(&mut self) -> bool {
+        if self.body.is_unread() {
+            if let Some(slices) = self.host.body_slices(self.direction) {
+                return slices.iter().all(|slice| slice.iter().all(u8::is_ascii_whitespace));
+            }
+        }
+        self.body().is_blank()
+    }
+
     /// The JSON text of top-level members of the body as the client wrote it (at most `limit`
     /// bytes of each), found in one pass; `None` for an absent member. Read in place while no
     /// plugin has asked for the whole body; from the body as it stands (edits included)
@@ -381,7 +391,7 @@ impl Context<'_> {
         }
         let raw = body.raw();
         let spans = crate::json::find_member_spans(raw, keys)?;
-        Ok(spans.map(|span| span.map(|span| raw[span.start..span.end.min(span.start + limit)].to_vec())))
+        Ok(spans.map(|span| span.map(|span| raw[span.start..span.end.min(span.start.saturating_add(limit))].to_vec())))
     }
 
     /// Writes a string into the stream's dynamic metadata.

@@ -137,7 +137,7 @@ impl Plugin for ExtAuthzBody {
             .filter_map(|name| ctx.header(name).map(|value| (name.clone(), value)))
             .collect();
         let mut fields = Map::new();
-        if !ctx.body().is_blank() {
+        if !ctx.body_is_blank() {
             for (key, path) in &self.fields {
                 let value = ctx.body_field(path).map_err(|err| {
                     PluginError::bad_request("invalid_json", format!("the request body cannot be read: {err}"))

@@ -423,7 +423,7 @@ impl EndpointPicker {
     }
 
     pub(super) fn request_features(&self, ctx: &mut Context<'_>) -> Result<(String, Vec<u64>), PluginError> {
-        if !self.reads_body || ctx.body().is_blank() {
+        if !self.reads_body || ctx.body_is_blank() {
             return Ok((String::new(), Vec::new()));
         }
         let limit = self
