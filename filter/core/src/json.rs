@@ -359,8 +359,8 @@ pub fn find_member_spans<const N: usize>(
     json: &[u8],
     keys: [&str; N],
 ) -> Result<[Option<std::ops::Range<usize>>; N], JsonError> {
-    let found = match scan::find_keys(json, keys) {
-        Ok(found) => found,
+    match scan::find_keys(json, keys) {
+        Ok(found) => spans(found, keys),
         // serde_json decides, and words the error.
         Err(scan::Unsure) => {
             let mut spans: [Option<std::ops::Range<usize>>; N] = std::array::from_fn(|_| None);
@@ -370,9 +370,16 @@ pub fn find_member_spans<const N: usize>(
                     start..start + raw.get().len()
                 });
             }
-            return Ok(spans);
+            Ok(spans)
         }
-    };
+    }
+}
+
+/// What the structural pass found for each key, as spans; a key found twice is an error.
+fn spans<const N: usize>(
+    found: [scan::Found; N],
+    keys: [&str; N],
+) -> Result<[Option<std::ops::Range<usize>>; N], JsonError> {
     let mut spans: [Option<std::ops::Range<usize>>; N] = std::array::from_fn(|_| None);
     for ((span, found), key) in spans.iter_mut().zip(found).zip(keys) {
         *span = match found {
@@ -398,23 +405,20 @@ pub(crate) fn member_texts_in_slices<const N: usize>(
         limit: usize,
     ) -> Option<Result<[Option<Vec<u8>>; N], JsonError>> {
         let found = scan::find_keys(body, keys).ok()?;
-        let mut texts: [Option<Vec<u8>>; N] = std::array::from_fn(|_| None);
-        for ((text, found), key) in texts.iter_mut().zip(found).zip(keys) {
-            *text = match found {
-                scan::Found::Absent => None,
-                scan::Found::Once(span) => Some(
-                    body.bytes(span.start..span.end.min(span.start.saturating_add(limit)))
-                        .into_owned(),
-                ),
-                scan::Found::Twice => return Some(Err(JsonError::DuplicateKey(key.to_string()))),
-            };
-        }
-        Some(Ok(texts))
+        Some(
+            spans(found, keys)
+                .map(|spans| spans.map(|span| span.map(|span| body.bytes(cut(span, limit)).into_owned()))),
+        )
     }
     match slices {
         [one] => texts(*one, keys, limit),
         _ => texts(&scan::Segments::new(slices), keys, limit),
     }
+}
+
+/// The first `limit` bytes of `span`.
+pub(crate) fn cut(span: std::ops::Range<usize>, limit: usize) -> std::ops::Range<usize> {
+    span.start..span.end.min(span.start.saturating_add(limit))
 }
 
 /// [`find_member`] by serde_json alone: the authority on malformed bodies and their messages.

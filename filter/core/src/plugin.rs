@@ -391,7 +391,7 @@ impl Context<'_> {
         }
         let raw = body.raw();
         let spans = crate::json::find_member_spans(raw, keys)?;
-        Ok(spans.map(|span| span.map(|span| raw[span.start..span.end.min(span.start.saturating_add(limit))].to_vec())))
+        Ok(spans.map(|span| span.map(|span| raw[crate::json::cut(span, limit)].to_vec())))
     }
 
     /// Writes a string into the stream's dynamic metadata.

@@ -88,12 +88,7 @@ impl Host for EnvoyHost<'_> {
     }
 
     fn read_body(&mut self, dir: Direction) -> Vec<u8> {
-        let request = is_request(dir);
-        let mut body = Vec::with_capacity(self.body_len(dir) as usize);
-        for buffer in self.buffers(request) {
-            self.filter.append_body_to(request, *buffer, &mut body);
-        }
-        body
+        self.body_slices(dir).unwrap_or_default().concat()
     }
 
     fn replace_body(&mut self, dir: Direction, body: &[u8]) {

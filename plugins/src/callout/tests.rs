@@ -20,6 +20,18 @@ fn chat(messages: Value) -> FakeHost {
     )
 }
 
+/// A stream of `yaml` whose chat request (one user message, `prompt`) went upstream without a
+/// callout: ready for its response.
+fn past_the_request(yaml: &str, prompt: &str) -> (Stream, FakeHost) {
+    let mut stream = Stream::new(chain(yaml));
+    let mut host = chat(json!([{"role": "user", "content": prompt}]));
+    assert_eq!(
+        run_request_with_callouts(&mut stream, &mut host, |_| unreachable!()),
+        PhaseEnd::Continued
+    );
+    (stream, host)
+}
+
 /// Runs the request phase; returns the host, what the service received and how it ended.
 fn run(
     yaml: &str,
@@ -249,12 +261,7 @@ fn llama_guard_reads_safe_unsafe_and_acts_per_category() {
 #[test]
 fn llama_guard_classifies_an_answer_with_its_prompt() {
     let yaml = "processors: [{name: lg, type: llama-guard, parameters: {cluster: guard, model: lg, phase: Response}}]";
-    let mut stream = Stream::new(chain(yaml));
-    let mut host = chat(json!([{"role": "user", "content": "tell me"}]));
-    assert_eq!(
-        run_request_with_callouts(&mut stream, &mut host, |_| unreachable!()),
-        PhaseEnd::Continued
-    );
+    let (mut stream, mut host) = past_the_request(yaml, "tell me");
     host.response_body = serde_json::to_vec(&json!({"choices": [{"message": {"content": "here is how"}}]})).unwrap();
     let mut seen = Vec::new();
     let end = run_response_with_callouts(&mut stream, &mut host, |request| {
@@ -470,12 +477,7 @@ fn stream_through(
     chunks: &[String],
     answer: impl Fn(&CalloutRequest) -> Result<CalloutResponse, String>,
 ) -> (String, FakeHost) {
-    let mut stream = Stream::new(chain(yaml));
-    let mut host = chat(json!([{"role": "user", "content": "tell me"}]));
-    assert_eq!(
-        run_request_with_callouts(&mut stream, &mut host, |_| unreachable!()),
-        PhaseEnd::Continued
-    );
+    let (mut stream, mut host) = past_the_request(yaml, "tell me");
     host.response_headers.push((":status".into(), "200".into()));
     host.response_headers
         .push(("content-type".into(), "text/event-stream".into()));
@@ -586,12 +588,7 @@ fn llama_guard_and_http_callout_judge_streamed_windows_too() {
 #[test]
 fn presidio_masks_a_buffered_answer_too() {
     let yaml = "processors: [{name: pr, type: presidio, parameters: {cluster: presidio, phase: Response}}]";
-    let mut stream = Stream::new(chain(yaml));
-    let mut host = chat(json!([{"role": "user", "content": "who wrote it?"}]));
-    assert_eq!(
-        run_request_with_callouts(&mut stream, &mut host, |_| unreachable!()),
-        PhaseEnd::Continued
-    );
+    let (mut stream, mut host) = past_the_request(yaml, "who wrote it?");
     host.response_body =
         serde_json::to_vec(&json!({"choices": [{"message": {"role": "assistant", "content": "Jörg Müller did"}}]}))
             .unwrap();

@@ -228,15 +228,10 @@ pub(crate) fn find_keys<S: Source + ?Sized, const N: usize>(json: &S, keys: [&st
     if skip_ws(json, pos) != json.size() {
         return Err(Unsure);
     }
-    let mut index = 0;
-    Ok(found.map(|span| {
-        let twice = twice[index];
-        index += 1;
-        match span {
-            _ if twice => Found::Twice,
-            Some(span) => Found::Once(span),
-            None => Found::Absent,
-        }
+    Ok(std::array::from_fn(|index| match found[index].take() {
+        _ if twice[index] => Found::Twice,
+        Some(span) => Found::Once(span),
+        None => Found::Absent,
     }))
 }
 

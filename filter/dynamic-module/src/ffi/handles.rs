@@ -214,14 +214,6 @@ impl FilterHandle {
         unsafe { envoy_dynamic_module_callback_http_get_body_size(self.0, body_type(request, buffer)) }
     }
 
-    pub(crate) fn append_body_to(&self, request: bool, buffer: BodyBuffer, out: &mut Vec<u8>) {
-        let mut chunks = Vec::new();
-        self.body_chunks(request, buffer, &mut chunks);
-        for chunk in chunks {
-            out.extend_from_slice(chunk);
-        }
-    }
-
     /// Appends the slices of one body buffer to `out`, in place. They borrow `self`: the host
     /// that lends them holds this handle, and Envoy only changes the buffer through calls that
     /// need that host mutably (drain, append, continue) or after the hook returns.
